@@ -1,0 +1,158 @@
+"""Extracting an archive's items into a directory, onto a device, or to stdout."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+
+from ..errors import TargetError
+from ..repository.repo import Repository
+from ..source.paths import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HARDLINK, SYMLINK
+from .extract import FileSink, StreamSink, iter_pieces, open_target
+from .model import Item
+
+
+def extract_stdout(repo: Repository, items: list[Item], fd: int, workers: int = 2,
+                   progress: Callable[[int], None] | None = None) -> int:
+    sink = StreamSink(fd)
+    done = 0
+    for piece in iter_pieces(repo, items, workers):
+        sink.write(piece)
+        done += piece.length
+        if progress:
+            progress(done)
+    return done
+
+
+def _safe_join(root: str, path: str) -> str:
+    full = os.path.normpath(os.path.join(root, path))
+    if full != root and not full.startswith(root.rstrip("/") + "/"):
+        raise TargetError(f"refusing to extract {path!r} outside the target directory")
+    return full
+
+
+def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = False,
+                 workers: int = 2, numeric_ids: bool = False,
+                 progress: Callable[[int], None] | None = None) -> None:
+    root = os.path.abspath(root)
+    dirs: list[tuple[str, Item]] = []
+    done = 0
+    content_items: list[tuple[Item, str]] = []
+    for item in items:
+        path = _safe_join(root, item.path)
+        if item.type == DIR:
+            os.makedirs(path, exist_ok=True)
+            dirs.append((path, item))
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if item.type == FILE:
+            content_items.append((item, path))
+        elif item.type == SYMLINK:
+            _replace(path)
+            os.symlink(item.target or "", path)
+            _apply_meta(path, item, numeric_ids, follow=False)
+        elif item.type == HARDLINK:
+            _replace(path)
+            os.link(_safe_join(root, item.target or ""), path)
+        elif item.type in (BLOCKDEV, CHARDEV, FIFO):
+            _replace(path)
+            if item.type == FIFO:
+                os.mkfifo(path, stat.S_IMODE(item.mode))
+            else:
+                os.mknod(path, item.mode, item.rdev or 0)
+            _apply_meta(path, item, numeric_ids)
+    # content: files in order, pieces streamed across files so fetching never stalls
+    open_file: tuple[Item, int, FileSink, str] | None = None
+    paths = {id(i): p for i, p in content_items}
+
+    def close_current() -> None:
+        nonlocal open_file
+        if open_file is None:
+            return
+        item, fd, sink, path = open_file
+        open_file = None
+        try:
+            sink.finish(item.size)
+            if sink.is_device:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not sink.is_device:
+            _apply_meta(path, item, numeric_ids)
+
+    def open_item(item: Item) -> None:
+        nonlocal open_file
+        path = paths[id(item)]
+        if not _is_device(path):
+            _replace(path)
+        fd, sink = open_target(path, item.size, sparse)
+        open_file = (item, fd, sink, path)
+
+    try:
+        for piece in iter_pieces(repo, [i for i, _ in content_items], workers):
+            if open_file is None or open_file[0] is not piece.item:
+                close_current()
+                open_item(piece.item)
+            assert open_file is not None
+            open_file[2].write(piece)
+            done += piece.length
+            if progress:
+                progress(done)
+        close_current()
+        for item, _path in content_items:  # empty files have no pieces
+            if not item.size:
+                open_item(item)
+                close_current()
+    finally:
+        if open_file is not None:
+            os.close(open_file[1])
+    for path, item in reversed(dirs):  # after their content, or mtimes would change again
+        _apply_meta(path, item, numeric_ids)
+
+
+def _is_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _replace(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise TargetError(f"{path}: a directory is in the way")
+    os.unlink(path)
+
+
+def _apply_meta(path: str, item: Item, numeric_ids: bool, follow: bool = True) -> None:
+    try:
+        if os.geteuid() == 0 and item.uid is not None:
+            uid, gid = item.uid, item.gid if item.gid is not None else -1
+            if not numeric_ids:
+                import grp
+                import pwd
+                try:
+                    uid = pwd.getpwnam(item.user).pw_uid if item.user else uid
+                except KeyError:
+                    pass
+                try:
+                    gid = grp.getgrnam(item.group).gr_gid if item.group else gid
+                except KeyError:
+                    pass
+            os.chown(path, uid, gid, follow_symlinks=follow)
+        if item.xattrs:
+            for k, v in item.xattrs.items():
+                try:
+                    os.setxattr(path, k, v, follow_symlinks=follow)
+                except OSError:
+                    pass
+        if follow:
+            os.chmod(path, stat.S_IMODE(item.mode))
+        if item.mtime is not None:
+            os.utime(path, ns=(item.atime or item.mtime, item.mtime), follow_symlinks=follow)
+    except OSError as e:
+        raise TargetError(f"{path}: cannot set metadata: {e.strerror}") from None

@@ -1,0 +1,54 @@
+"""Reading a committed archive: its metadata and its items."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..errors import IntegrityError, UnsupportedVersion
+from ..repository.manifest import ArchiveRef
+from ..repository.repo import Repository
+from .create import ARCHIVE_VERSION
+from .items import read_item_stream
+from .model import Item
+
+
+@dataclass
+class ArchiveView:
+    repo: Repository
+    ref: ArchiveRef
+    meta: dict
+
+    @classmethod
+    def open(cls, repo: Repository, name: str) -> ArchiveView:
+        ref = repo.archive_ref(name)
+        meta = repo.load_archive(ref)
+        if not isinstance(meta, dict) or "version" not in meta:
+            raise IntegrityError(f"archive {name!r}: metadata is malformed")
+        if meta["version"] != ARCHIVE_VERSION:
+            raise UnsupportedVersion(f"archive {name!r}", meta["version"], ARCHIVE_VERSION)
+        return cls(repo, ref, meta)
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @cached_property
+    def items(self) -> list[Item]:
+        try:
+            return list(read_item_stream(self.meta.get("items", []), self.repo.get_chunk))
+        except IntegrityError as e:
+            raise IntegrityError(f"archive {self.name!r}: item metadata: {e}") from None
+
+    def iter_items(self) -> Iterator[Item]:
+        yield from self.items
+
+
+def select_items(items: list[Item], patterns: list[str]) -> list[Item]:
+    """Items whose path equals a pattern or lies below it (like Borg's PATH arguments)."""
+    if not patterns:
+        return items
+    pats = [p.strip("/") for p in patterns]
+    out = [i for i in items if any(i.path == p or i.path.startswith(p + "/") for p in pats)]
+    return out

@@ -1,0 +1,135 @@
+"""What every command shares: locations, opening the repository, sizes, progress."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from ..crypto.passphrase import get_passphrase
+from ..errors import UsageError
+from ..repository.lock import EXCLUSIVE, SHARED
+from ..repository.repo import Repository
+from ..storage.url import open_store
+
+READ, WRITE, EXCLUSIVE_LOCK = "read", "write", "exclusive"
+
+
+def split_location(loc: str | None, need_archive: bool | None) -> tuple[str, str | None]:
+    """``REPO::ARCHIVE`` (or ``::ARCHIVE`` with DISKVAULT_REPO) → (repo, archive)."""
+    if loc is None or loc == "":
+        loc = ""
+    repo, sep, archive = loc.partition("::")
+    if not repo:
+        repo = os.environ.get("DISKVAULT_REPO", "")
+        if not repo:
+            raise UsageError("no repository given (REPO or REPO::ARCHIVE, or DISKVAULT_REPO)")
+    if need_archive is True and not archive:
+        raise UsageError(f"an archive name is needed: {repo}::ARCHIVE")
+    if need_archive is False and sep:
+        raise UsageError(f"this command takes a repository, not an archive: {loc}")
+    return repo, archive or None
+
+
+_PLACEHOLDER = re.compile(r"\{(now|utcnow|hostname|fqdn|user)(?::([^}]*))?\}")
+
+
+def expand_placeholders(name: str) -> str:
+    now = datetime.now()
+    values = {
+        "now": lambda f: now.strftime(f or "%Y-%m-%dT%H:%M:%S"),
+        "utcnow": lambda f: datetime.now(timezone.utc).strftime(f or "%Y-%m-%dT%H:%M:%S"),
+        "hostname": lambda f: socket.gethostname().split(".")[0],
+        "fqdn": lambda f: socket.getfqdn(),
+        "user": lambda f: getpass.getuser(),
+    }
+    out = _PLACEHOLDER.sub(lambda m: values[m.group(1)](m.group(2)), name)
+    if "{" in out or "}" in out:
+        raise UsageError(f"unknown placeholder in archive name {name!r}")
+    if not out or "/" in out or out.startswith("-"):
+        raise UsageError(f"invalid archive name {out!r}")
+    return out
+
+
+def passphrase_fn(creating: bool) -> str:
+    return get_passphrase("Enter new passphrase: " if creating else "Enter passphrase: ",
+                          confirm=creating)
+
+
+@contextmanager
+def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterator[Repository]:
+    store = open_store(location)
+    lock = {READ: SHARED, WRITE: SHARED, EXCLUSIVE_LOCK: EXCLUSIVE}[mode]
+    repo = Repository.open(store, passphrase_fn, lock=lock, lock_wait=lock_wait)
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-wait", type=float, default=1.0, metavar="SECONDS",
+                   help="wait at most this long for a repository lock (default 1)")
+
+
+def fmt_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def fmt_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%a, %Y-%m-%d %H:%M:%S")
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts).isoformat(timespec="microseconds")
+
+
+class Progress:
+    """A one-line live bar on stderr: bytes, rate, ETA (only where stderr is a terminal)."""
+
+    def __init__(self, enabled: bool, label: str = "") -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.label = label
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        rate = done / max(now - self.start, 1e-6)
+        line = f"{self.label}{fmt_size(done)}"
+        if total:
+            pct = 100 * done / total
+            eta = (total - done) / rate if rate else 0
+            line += f" / {fmt_size(total)} ({pct:.1f} %) ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        line += f"  {fmt_size(rate)}/s"
+        sys.stderr.write("\r" + line[:120].ljust(80))
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmMgGtT]?)(i?[bB]?)", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {s!r}")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(m.group(1)) * mult

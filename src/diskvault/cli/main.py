@@ -1,0 +1,89 @@
+"""Entry point: build the parser from one module per command, run it, map errors to exits.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` to a ``run(args) -> int`` function. Errors below the CLI are ``DiskvaultError``s
+and are printed as one line; anything else is a bug, printed as one line too unless
+``DISKVAULT_DEBUG`` is set (then with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import traceback
+
+from .. import __version__
+from ..errors import DiskvaultError
+
+COMMANDS = [
+    "init_cmd",
+    "create_cmd",
+    "extract_cmd",
+    "list_cmd",
+    "info_cmd",
+    "delete_cmd",
+    "rename_cmd",
+    "disk_cmd",
+    "check_cmd",
+    "prune_cmd",
+    "compact_cmd",
+    "key_cmd",
+    "lock_cmd",
+    "config_cmd",
+    "mount_cmd",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"diskvault: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diskvault", description="Deduplicating backup of disks and images")
+    parser.add_argument("-V", "--version", action="version", version=f"diskvault {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # command not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # a closed pipe (`| head`) ends the output quietly instead of a BrokenPipeError trace
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("DISKVAULT_DEBUG"))
+    try:
+        return int(args.func(args) or 0)
+    except DiskvaultError as e:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"diskvault: {'warning' if e.exit_code == 1 else 'error'}: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("diskvault: error: interrupted\n")
+        return 2
+    except MemoryError:
+        sys.stderr.write("diskvault: error: out of memory\n")
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a trace
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(
+            f"diskvault: error: internal error: {type(e).__name__}: {e} "
+            "(run with --debug for details)\n"
+        )
+        return 2

@@ -1,0 +1,104 @@
+"""Authenticated sealing of repository objects (the only place ciphertext is made).
+
+Sealed layout: ``suite(1) | header | body | tag(16)``.
+- suite 0 (no encryption): header empty, body = plaintext, tag = BLAKE3(aad|body)[:16] —
+  detects corruption, not forgery (there is no secret).
+- suite 1 (AES-256-GCM): header = session id (16) | counter (8). Each writer process
+  picks a random session id and derives its own key HKDF(master, session id), and the
+  nonce is the counter: a (key, nonce) pair can never repeat, also across concurrent
+  writers, without coordinating them. AAD binds the object to its name (id).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from abc import ABC, abstractmethod
+
+import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import IntegrityError
+
+SUITE_NONE = 0
+SUITE_AES256GCM = 1
+TAG_LEN = 16
+
+
+class Cipher(ABC):
+    suite: int
+
+    @abstractmethod
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes: ...
+
+    @abstractmethod
+    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
+        """Return the plaintext or raise IntegrityError naming ``what``."""
+
+
+class PlainCipher(Cipher):
+    suite = SUITE_NONE
+
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes:
+        h = blake3.blake3(aad)
+        h.update(plaintext)
+        return b"\x00" + bytes(plaintext) + h.digest(TAG_LEN)
+
+    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
+        mv = memoryview(sealed)
+        if len(mv) < 1 + TAG_LEN or mv[0] != SUITE_NONE:
+            raise IntegrityError(f"{what}: damaged object header")
+        body = mv[1:-TAG_LEN]
+        h = blake3.blake3(aad)
+        h.update(body)
+        if h.digest(TAG_LEN) != mv[-TAG_LEN:]:
+            raise IntegrityError(f"{what}: checksum mismatch (data is damaged)")
+        return bytes(body)
+
+
+class AesGcmCipher(Cipher):
+    suite = SUITE_AES256GCM
+    HEADER = 1 + 16 + 8
+
+    def __init__(self, master_key: bytes) -> None:
+        if len(master_key) != 32:
+            raise ValueError("master key must be 32 bytes")
+        self._master = master_key
+        self._session = os.urandom(16)
+        self._counter = itertools.count(1)  # next() is atomic under the GIL
+        self._seal_aead = AESGCM(self._derive(self._session))
+        self._open_cache: dict[bytes, AESGCM] = {}
+        self._lock = threading.Lock()
+
+    def _derive(self, session: bytes) -> bytes:
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"diskvault-object-key-v1" + session)
+        return hkdf.derive(self._master)
+
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes:
+        n = next(self._counter)
+        header = bytes([SUITE_AES256GCM]) + self._session + n.to_bytes(8, "little")
+        nonce = n.to_bytes(12, "little")
+        return header + self._seal_aead.encrypt(nonce, bytes(plaintext), header + aad)
+
+    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
+        mv = memoryview(sealed)
+        if len(mv) < self.HEADER + TAG_LEN or mv[0] != SUITE_AES256GCM:
+            raise IntegrityError(f"{what}: damaged object header")
+        header = bytes(mv[: self.HEADER])
+        session, counter = header[1:17], header[17:25]
+        aead = self._open_cache.get(session)
+        if aead is None:
+            with self._lock:
+                if len(self._open_cache) > 4096:
+                    self._open_cache.clear()
+                aead = self._open_cache[session] = AESGCM(self._derive(session))
+        nonce = counter + b"\x00\x00\x00\x00"
+        try:
+            return aead.decrypt(nonce, mv[self.HEADER :], header + aad)
+        except InvalidTag:
+            raise IntegrityError(f"{what}: authentication failed (damaged or forged)") from None

@@ -1,0 +1,139 @@
+"""Every error a user can see, one class each, with the message they read.
+
+The CLI prints ``diskvault: error: <message>`` and exits with ``exit_code``;
+nothing below the CLI prints or exits. Raise the most specific class.
+"""
+
+from __future__ import annotations
+
+
+class DiskvaultError(Exception):
+    """Base class: an error with a one-line message meant for the user."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:
+        return " ".join(str(a) for a in self.args) if self.args else type(self).__name__
+
+
+class UsageError(DiskvaultError):
+    """The command line is wrong (bad option value, missing argument)."""
+
+
+class SourceError(DiskvaultError):
+    """A backup source cannot be read: missing path, unreadable device, FIFO timeout."""
+
+
+class TargetError(DiskvaultError):
+    """A restore target cannot be written: too small, mounted, disk full."""
+
+
+# --- repository -------------------------------------------------------------
+
+
+class RepositoryError(DiskvaultError):
+    """Something is wrong with the repository as a whole."""
+
+
+class RepositoryNotFound(RepositoryError):
+    def __init__(self, location: str) -> None:
+        super().__init__(f"{location} is not a diskvault repository")
+
+
+class RepositoryExists(RepositoryError):
+    def __init__(self, location: str) -> None:
+        super().__init__(f"a repository (or other data) already exists at {location}")
+
+
+class UnsupportedVersion(RepositoryError):
+    def __init__(self, what: str, found: object, supported: object) -> None:
+        super().__init__(
+            f"{what} has format version {found}, this diskvault understands {supported}: "
+            "upgrade diskvault"
+        )
+
+
+class IntegrityError(RepositoryError):
+    """Data read from the repository is damaged, truncated or forged."""
+
+
+class ObjectMissing(IntegrityError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is missing from the repository")
+
+
+class StorageError(RepositoryError):
+    """The storage backend failed (I/O error, network, permissions, disk full)."""
+
+
+class StorageFull(StorageError):
+    def __init__(self, where: str) -> None:
+        super().__init__(f"no space left on the repository storage ({where})")
+
+
+class LockError(RepositoryError):
+    """The repository is locked by another process."""
+
+
+class AppendOnlyError(RepositoryError):
+    def __init__(self, action: str) -> None:
+        super().__init__(f"repository is append-only: {action} is not allowed")
+
+
+# --- archives ----------------------------------------------------------------
+
+
+class ArchiveError(DiskvaultError):
+    pass
+
+
+class ArchiveExists(ArchiveError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"archive {name!r} already exists")
+
+
+class ArchiveNotFound(ArchiveError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"archive {name!r} does not exist")
+
+
+# --- keys --------------------------------------------------------------------
+
+
+class KeyError_(DiskvaultError):
+    """Key material problems (named with a trailing underscore: KeyError is builtin)."""
+
+
+class PassphraseWrong(KeyError_):
+    def __init__(self) -> None:
+        super().__init__("passphrase is wrong (or the key is damaged)")
+
+
+class KeyFileMissing(KeyError_):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"key file for this repository not found: {path}")
+
+
+class PassphraseMissing(KeyError_):
+    def __init__(self) -> None:
+        super().__init__(
+            "a passphrase is needed: set DISKVAULT_PASSPHRASE or DISKVAULT_PASSCOMMAND, "
+            "or run in a terminal"
+        )
+
+
+# --- disks and filesystems ---------------------------------------------------
+
+
+class DiskError(DiskvaultError):
+    """Disk selection or partition-table problems."""
+
+
+class BlockMapError(DiskvaultError):
+    """A filesystem could not be parsed with certainty; callers fall back to 'all used'."""
+
+
+class Warning_(DiskvaultError):
+    """A condition that completes the command but ends it with exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,114 @@
+"""Compression of object plaintexts: none, lz4, zstd[,level], auto,C[,L].
+
+Compressed layout: ``algo(1) | plain_size(u64 LE) | data``. The plain size lets
+decompression allocate exactly once and refuse hostile sizes before doing work.
+``auto`` tries lz4 first (≈ 4.5 GB/s on random data) and stores incompressible
+data uncompressed, so random regions cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import lz4.block
+import zstandard
+
+from ..errors import IntegrityError, UsageError
+
+NONE, LZ4, ZSTD = 0, 1, 2
+NAMES = {"none": NONE, "lz4": LZ4, "zstd": ZSTD}
+HEADER = struct.Struct("<BQ")
+MAX_PLAIN = 256 << 20  # larger than any object we write; refuse more on read
+AUTO_KEEP_RATIO = 0.97  # lz4 must save at least 3 % or the data is stored as is
+
+_tls = threading.local()  # zstd (de)compressor objects are not thread-safe
+
+
+def _zc(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_tls, "zc", None)
+    if cache is None:
+        cache = _tls.zc = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
+    return c
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+@dataclass(frozen=True)
+class Compression:
+    algo: int = LZ4
+    level: int = 0
+    auto: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Compression:
+        parts = spec.split(",")
+        auto = parts[0] == "auto"
+        if auto:
+            parts = parts[1:]
+            if not parts:
+                raise UsageError("compression 'auto' needs an algorithm: auto,zstd[,L]")
+        name = parts[0]
+        if name not in NAMES or len(parts) > 2:
+            raise UsageError(f"invalid compression {spec!r}: use none, lz4, zstd[,L], auto,C[,L]")
+        level = 0
+        if len(parts) == 2:
+            if name != "zstd" or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 22:
+                raise UsageError(f"invalid compression level in {spec!r} (zstd: 1..22)")
+            level = int(parts[1])
+        elif name == "zstd":
+            level = 3
+        return cls(NAMES[name], level, auto)
+
+    def __str__(self) -> str:
+        name = {v: k for k, v in NAMES.items()}[self.algo]
+        s = f"{name},{self.level}" if self.algo == ZSTD else name
+        return f"auto,{s}" if self.auto else s
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        n = len(data)
+        if self.algo == NONE:
+            return HEADER.pack(NONE, n) + bytes(data)
+        if self.auto or self.algo == LZ4:
+            fast = lz4.block.compress(data, store_size=False)
+            if len(fast) > n * AUTO_KEEP_RATIO and (self.auto or len(fast) >= n):
+                return HEADER.pack(NONE, n) + bytes(data)
+            if self.algo == LZ4:
+                return HEADER.pack(LZ4, n) + fast
+        out = _zc(self.level).compress(data)
+        if len(out) >= n:
+            return HEADER.pack(NONE, n) + bytes(data)
+        return HEADER.pack(ZSTD, n) + out
+
+
+def decompress(blob: bytes | memoryview, what: str) -> bytes:
+    mv = memoryview(blob)
+    if len(mv) < HEADER.size:
+        raise IntegrityError(f"{what}: truncated compression header")
+    algo, n = HEADER.unpack_from(mv)
+    if n > MAX_PLAIN:
+        raise IntegrityError(f"{what}: implausible size {n}")
+    body = mv[HEADER.size :]
+    try:
+        if algo == NONE:
+            out = bytes(body)
+        elif algo == LZ4:
+            out = lz4.block.decompress(body, uncompressed_size=n)
+        elif algo == ZSTD:
+            out = _zd().decompress(body, max_output_size=n)
+        else:
+            raise IntegrityError(f"{what}: unknown compression {algo}")
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
+        raise IntegrityError(f"{what}: cannot decompress ({e})") from None
+    if len(out) != n:
+        raise IntegrityError(f"{what}: decompressed size mismatch")
+    return out

@@ -1,0 +1,111 @@
+"""Pack files: many sealed objects in one storage value, with their own table of contents.
+
+Layout::
+
+    b"DVPACK01" | object blobs ... | TOC blob | trailer
+    trailer = toc_offset (u64 LE) | toc_length (u32 LE) | b"DVPE"
+
+The TOC is a sealed object (aad ``b"pack-toc"``) holding msgpack
+``[[id, offset, length, plain_size], ...]``, so the chunk index can always be rebuilt
+from packs alone. A pack is named by the BLAKE3 hash of its bytes: immutable, and a
+full read can verify it without any key.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import blake3
+import msgpack
+
+from ..errors import IntegrityError
+from .objects import ObjectCodec
+
+MAGIC = b"DVPACK01"
+TRAILER = struct.Struct("<QI4s")
+TRAILER_MAGIC = b"DVPE"
+TOC_AAD = b"pack-toc"
+MAX_TOC = 64 << 20
+
+
+@dataclass
+class PackEntry:
+    id: bytes
+    offset: int
+    length: int
+    plain_size: int
+
+
+def pack_key(name: str) -> str:
+    return f"packs/{name[:2]}/{name}"
+
+
+@dataclass
+class PackWriter:
+    target_size: int
+    buf: bytearray = field(default_factory=lambda: bytearray(MAGIC))
+    entries: list[PackEntry] = field(default_factory=list)
+
+    def add(self, obj_id: bytes, blob: bytes, plain_size: int) -> None:
+        self.entries.append(PackEntry(obj_id, len(self.buf), len(blob), plain_size))
+        self.buf += blob
+
+    @property
+    def full(self) -> bool:
+        return len(self.buf) >= self.target_size
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def finish(self, codec: ObjectCodec) -> tuple[str, bytes, list[PackEntry]]:
+        toc = msgpack.packb([[e.id, e.offset, e.length, e.plain_size] for e in self.entries])
+        toc_blob = codec.seal(TOC_AAD, toc)
+        toc_offset = len(self.buf)
+        self.buf += toc_blob
+        self.buf += TRAILER.pack(toc_offset, len(toc_blob), TRAILER_MAGIC)
+        data = bytes(self.buf)
+        return blake3.blake3(data).hexdigest(), data, self.entries
+
+
+def parse_trailer(tail: bytes, pack_size: int, what: str) -> tuple[int, int]:
+    if len(tail) < TRAILER.size:
+        raise IntegrityError(f"{what}: too short for a pack")
+    toc_offset, toc_len, magic = TRAILER.unpack(tail[-TRAILER.size :])
+    if magic != TRAILER_MAGIC or toc_len > MAX_TOC or \
+            toc_offset < len(MAGIC) or toc_offset + toc_len + TRAILER.size != pack_size:
+        raise IntegrityError(f"{what}: damaged pack trailer")
+    return toc_offset, toc_len
+
+
+def parse_toc(codec: ObjectCodec, toc_blob: bytes, toc_offset: int, what: str) -> list[PackEntry]:
+    toc = codec.open(TOC_AAD, toc_blob, f"{what} table of contents")
+    try:
+        rows = msgpack.unpackb(toc, max_bin_len=64, max_array_len=1 << 22)
+        entries = [PackEntry(bytes(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+    except Exception:  # noqa: BLE001 - any malformed TOC is one integrity error
+        raise IntegrityError(f"{what}: malformed table of contents") from None
+    for e in entries:
+        if len(e.id) != 32 or e.offset < len(MAGIC) or e.length <= 0 \
+                or e.offset + e.length > toc_offset:
+            raise IntegrityError(f"{what}: table of contents points outside the pack")
+    return entries
+
+
+def read_toc(load, name: str, size: int, codec: ObjectCodec) -> list[PackEntry]:
+    """Read only a pack's trailer and TOC (two range reads) and return its entries."""
+    what = f"pack {name[:16]}"
+    toc_offset, toc_len = parse_trailer(load(pack_key(name), size - TRAILER.size, TRAILER.size),
+                                        size, what)
+    return parse_toc(codec, load(pack_key(name), toc_offset, toc_len), toc_offset, what)
+
+
+def parse_pack(data: bytes, codec: ObjectCodec, name: str | None = None) -> list[PackEntry]:
+    """Verify a whole pack in memory (name = content hash, magic, TOC) and return entries."""
+    what = f"pack {(name or '?')[:16]}"
+    if name is not None and blake3.blake3(data).hexdigest() != name:
+        raise IntegrityError(f"{what}: content does not match its name (damaged)")
+    if not data.startswith(MAGIC):
+        raise IntegrityError(f"{what}: bad magic")
+    toc_offset, toc_len = parse_trailer(data, len(data), what)
+    return parse_toc(codec, data[toc_offset : toc_offset + toc_len], toc_offset, what)

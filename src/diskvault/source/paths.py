@@ -1,0 +1,247 @@
+"""Turn command-line sources into items with content: paths, ``-`` (stdin), a command.
+
+Paths are stored without their leading ``/`` (``/dev/loop3`` → ``dev/loop3``), in the
+order given; directories recursively in sorted order. With ``read_special``, block
+devices are read as seekable content and character devices/FIFOs as streams.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import select
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..errors import SourceError
+from .content import Content, SeekableContent, StreamContent
+
+
+@dataclass
+class SourceOptions:
+    read_special: bool = False
+    read_special_timeout: float = 300.0
+    one_file_system: bool = False
+    xattrs: bool = True
+
+
+# entry types (what is restored); archive/model.py uses the same names
+FILE, DIR, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"
+BLOCKDEV, CHARDEV, FIFO = "blockdev", "chardev", "fifo"
+
+
+@dataclass
+class Meta:
+    """Metadata of one entry; field names match archive.model.Item."""
+
+    path: str
+    type: str = FILE
+    mode: int = 0o100644
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    mtime: int | None = None
+    atime: int | None = None
+    ctime: int | None = None
+    size: int = 0
+    target: str | None = None
+    rdev: int | None = None
+    xattrs: dict[bytes, bytes] | None = None
+    source: str | None = None
+
+
+@dataclass
+class Source:
+    item: Meta
+    content: Content | None = None
+    close: Callable[[], None] | None = None
+
+
+def archive_path(path: str) -> str:
+    p = os.path.normpath(path)
+    return p.lstrip("/") or "."
+
+
+def _names(uid: int, gid: int) -> tuple[str | None, str | None]:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = None
+    return user, group
+
+
+def _xattrs(path: str) -> dict[bytes, bytes] | None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return None
+    out = {}
+    for n in names:
+        try:
+            out[n.encode()] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+    return out or None
+
+
+def item_from_stat(path: str, st: os.stat_result, opts: SourceOptions) -> Meta:
+    user, group = _names(st.st_uid, st.st_gid)
+    return Meta(
+        path=archive_path(path), mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+        user=user, group=group, mtime=st.st_mtime_ns, atime=st.st_atime_ns,
+        ctime=st.st_ctime_ns, xattrs=_xattrs(path) if opts.xattrs else None,
+    )
+
+
+def device_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def open_fifo(path: str, timeout: float) -> int:
+    """Open a FIFO for reading, failing cleanly if no writer shows up within ``timeout``.
+
+    Opened non-blocking (which never waits for a writer), then poll: Linux reports
+    POLLIN/POLLHUP only once a writer has connected, so a poll timeout means no writer.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP)
+    if not p.poll(max(0, int(timeout * 1000))):
+        os.close(fd)
+        raise SourceError(f"{path}: no writer connected to the FIFO within {timeout:g} s "
+                          "(--read-special-timeout)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _fd_reader(fd: int) -> Callable[[int], bytes]:
+    return lambda n: os.read(fd, n)
+
+
+def walk(paths: list[str], opts: SourceOptions) -> Iterator[Source]:
+    hardlinks: dict[tuple[int, int], str] = {}
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise SourceError(f"{p}: no such file or directory") from None
+        except OSError as e:
+            raise SourceError(f"{p}: {e.strerror}") from None
+        yield from _walk_one(p, st, opts, hardlinks, root_dev=st.st_dev)
+
+
+def _walk_one(path: str, st: os.stat_result, opts: SourceOptions,
+              hardlinks: dict[tuple[int, int], str], root_dev: int) -> Iterator[Source]:
+    mode = st.st_mode
+    item = item_from_stat(path, st, opts)
+    if stat.S_ISDIR(mode):
+        item.type = DIR
+        yield Source(item)
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as e:
+            raise SourceError(f"{path}: cannot list directory: {e.strerror}") from None
+        for n in names:
+            child = os.path.join(path, n)
+            try:
+                cst = os.lstat(child)
+            except FileNotFoundError:
+                continue  # vanished while we walked
+            if opts.one_file_system and cst.st_dev != root_dev and stat.S_ISDIR(cst.st_mode):
+                continue
+            yield from _walk_one(child, cst, opts, hardlinks, root_dev)
+        return
+    if stat.S_ISLNK(mode):
+        item.type, item.target = SYMLINK, os.readlink(path)
+        yield Source(item)
+        return
+    if stat.S_ISREG(mode) and st.st_nlink > 1:
+        key = (st.st_dev, st.st_ino)
+        if key in hardlinks:
+            item.type, item.target = HARDLINK, hardlinks[key]
+            yield Source(item)
+            return
+        hardlinks[key] = item.path
+    if stat.S_ISREG(mode) or (opts.read_special and stat.S_ISBLK(mode)):
+        yield _open_seekable(path, item, stat.S_ISBLK(mode))
+        return
+    if opts.read_special and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        fifo = stat.S_ISFIFO(mode)
+        try:
+            fd = open_fifo(path, opts.read_special_timeout) if fifo else os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+        item.type, item.source = FILE, FIFO if fifo else CHARDEV
+        item.mode = stat.S_IFREG | stat.S_IMODE(mode)
+        yield Source(item, StreamContent(_fd_reader(fd), what=path), lambda: os.close(fd))
+        return
+    # special files without --read-special: metadata only, like Borg
+    item.type = {stat.S_IFBLK: BLOCKDEV, stat.S_IFCHR: CHARDEV, stat.S_IFIFO: FIFO}.get(
+        stat.S_IFMT(mode), "other")
+    if item.type == "other":
+        return  # sockets: nothing to back up
+    item.rdev = st.st_rdev
+    yield Source(item)
+
+
+def _open_seekable(path: str, item: Meta, is_block: bool) -> Source:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+    size = device_size(fd) if is_block else os.fstat(fd).st_size
+    item.type, item.size = FILE, size
+    item.source = BLOCKDEV if is_block else FILE
+    if is_block:
+        item.mode = stat.S_IFREG | stat.S_IMODE(item.mode)
+    try:  # a hint only: we read in order, the kernel may read ahead
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
+    content = SeekableContent(fd, size, what=path, holes=not is_block)
+    return Source(item, content, lambda: os.close(fd))
+
+
+def stdin_source(name: str, mode: int, user: str | None = None, group: str | None = None
+                 ) -> Source:
+    import sys
+    import time
+
+    fd = sys.stdin.buffer.fileno()
+    now = time.time_ns()
+    item = Meta(path=name, type=FILE, mode=stat.S_IFREG | mode, uid=os.getuid(), gid=os.getgid(),
+                user=user or _names(os.getuid(), os.getgid())[0],
+                group=group or _names(os.getuid(), os.getgid())[1],
+                mtime=now, atime=now, ctime=now, source="stdin")
+    return Source(item, StreamContent(_fd_reader(fd), what="stdin"))
+
+
+class CommandSource:
+    """Content from a command's stdout; a non-zero exit fails the archive."""
+
+    def __init__(self, argv: list[str], name: str, mode: int) -> None:
+        self.argv = argv
+        try:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+        except OSError as e:
+            raise SourceError(f"cannot run {argv[0]}: {e.strerror}") from None
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        src = stdin_source(name, mode)
+        src.item.source = "command"
+        self.source = Source(src.item, StreamContent(_fd_reader(fd), what=argv[0]), self.finish)
+
+    def finish(self) -> None:
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        rc = self.proc.wait()
+        if rc != 0:
+            raise SourceError(f"command {' '.join(self.argv)} failed with exit code {rc}")

@@ -1,0 +1,82 @@
+"""Shared test helpers: skips for missing root/tools, loop devices, running the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+
+def have_root() -> bool:
+    return os.geteuid() == 0
+
+
+def have_tool(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+def _loop_works() -> bool:
+    return have_root() and have_tool("losetup") and os.path.exists("/dev/loop-control")
+
+
+needs_root = pytest.mark.skipif(not have_root(), reason="needs root")
+needs_loop = pytest.mark.skipif(not _loop_works(), reason="needs root and loop devices (losetup)")
+
+
+def needs_tool(*names: str) -> pytest.MarkDecorator:
+    missing = [n for n in names if not have_tool(n)]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def loop_device(
+    image: str, offset: int = 0, sizelimit: int | None = None, read_only: bool = False
+) -> Iterator[str]:
+    """Attach ``image`` (or a byte range of it) to a free loop device; detach afterwards."""
+    cmd = ["losetup", "-f", "--show"]
+    if offset:
+        cmd += ["-o", str(offset)]
+    if sizelimit:
+        cmd += ["--sizelimit", str(sizelimit)]
+    if read_only:
+        cmd.append("-r")
+    dev = subprocess.run(cmd + [image], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def sha256_file(path: str, size: int | None = None) -> str:
+    h = hashlib.sha256()
+    left = size
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            b = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not b:
+                break
+            h.update(b)
+            if left is not None:
+                left -= len(b)
+    return h.hexdigest()
+
+
+def dv(*args: str, input: bytes | None = None, check: bool = True, env: dict | None = None,
+       cwd: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the diskvault CLI in a subprocess (as a user would) and return the result."""
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    r = subprocess.run([sys.executable, "-m", "diskvault", *args], input=input,
+                       capture_output=True, env=e, cwd=cwd, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"diskvault {' '.join(args)} exited {r.returncode}: {r.stderr.decode(errors='replace')}"
+        )
+    return r
