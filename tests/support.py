@@ -80,3 +80,39 @@ def dv(*args: str, input: bytes | None = None, check: bool = True, env: dict | N
             f"diskvault {' '.join(args)} exited {r.returncode}: {r.stderr.decode(errors='replace')}"
         )
     return r
+
+
+def make_vm_image(path: str, mib: int = 24, seed: int = 1) -> None:
+    """A VM-disk-like image: random, text-like, zero and hole regions (1 MiB each)."""
+    import random
+
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choice(b"abcdefghijklmnop ") for _ in range(rnd.randint(2, 9)))
+             for _ in range(2000)]
+    with open(path, "wb") as f:
+        for i in range(mib):
+            r = i % 5
+            if r == 0:
+                f.write(rnd.randbytes(1 << 20))
+            elif r == 1:
+                f.write(b" ".join(rnd.choice(words) for _ in range(200000))[: 1 << 20])
+            elif r == 2:
+                f.write(bytes(1 << 20))  # written zeros
+            elif r == 3:
+                f.seek(1 << 20, 1)  # a hole
+            else:
+                half = rnd.randbytes(1 << 19)
+                f.write(half + bytes(1 << 19))
+        f.truncate(mib << 20)
+
+
+def init_repo(path: str, encryption: str = "none", *extra: str,
+              passphrase: str = "secret") -> dict:
+    """Create a repository; return the env (passphrase) commands need."""
+    env = {"DISKVAULT_PASSPHRASE": passphrase}
+    dv("init", "-e", encryption, *extra, path, env=env)
+    return env
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512

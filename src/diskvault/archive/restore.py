@@ -39,6 +39,7 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
     dirs: list[tuple[str, Item]] = []
     done = 0
     content_items: list[tuple[Item, str]] = []
+    links: list[tuple[str, Item]] = []
     for item in items:
         path = _safe_join(root, item.path)
         if item.type == DIR:
@@ -53,8 +54,7 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
             os.symlink(item.target or "", path)
             _apply_meta(path, item, numeric_ids, follow=False)
         elif item.type == HARDLINK:
-            _replace(path)
-            os.link(_safe_join(root, item.target or ""), path)
+            links.append((path, item))  # after the content of their master file
         elif item.type in (BLOCKDEV, CHARDEV, FIFO):
             _replace(path)
             if item.type == FIFO:
@@ -107,6 +107,12 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
     finally:
         if open_file is not None:
             os.close(open_file[1])
+    for path, item in links:
+        _replace(path)
+        try:
+            os.link(_safe_join(root, item.target or ""), path)
+        except OSError as e:
+            raise TargetError(f"{path}: cannot create hard link: {e.strerror}") from None
     for path, item in reversed(dirs):  # after their content, or mtimes would change again
         _apply_meta(path, item, numeric_ids)
 

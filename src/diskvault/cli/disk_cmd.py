@@ -1,0 +1,106 @@
+"""``diskvault disk``: the disk command group; ``disk list`` shows disks and partitions.
+
+Other modules join the group the way command modules join the CLI in main.py: they are
+named in ``DISK_COMMANDS`` and expose ``register_disk(disk_subparsers)``, which adds a
+subparser and sets ``func``. A module not built yet is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from ..source.disks import Disk, list_disks
+
+DISK_COMMANDS = ["disk_backup_cmd"]  # cli/<name>.py modules that add `disk` subcommands
+
+_subparsers: argparse._SubParsersAction | None = None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    global _subparsers
+    parser = sub.add_parser(
+        "disk", help="list, back up and restore whole disks",
+        description="Disk-level commands: find disks by serial, back up and restore them.",
+    )
+    _subparsers = parser.add_subparsers(
+        dest="disk_command", metavar="SUBCOMMAND", parser_class=type(parser)
+    )
+    _subparsers.required = True
+    p = _subparsers.add_parser(
+        "list", help="list disks, serials, partitions and filesystems",
+        description="List block devices (disks and loop devices) with model, serial, "
+        "partitions, filesystem types and mountpoints. Read from sysfs; no udev needed.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_list)
+    for name in DISK_COMMANDS:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # subcommand not built yet
+            raise
+        mod.register_disk(_subparsers)
+
+
+def disk_subparsers() -> argparse._SubParsersAction:
+    """The `disk` group's subparsers, for a module that adds a subcommand after register()."""
+    if _subparsers is None:
+        raise RuntimeError("disk_cmd.register() has not run")
+    return _subparsers
+
+
+def run_list(args: argparse.Namespace) -> int:
+    disks = list_disks()
+    if args.json:
+        json.dump({"disks": [d.to_dict() for d in disks]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_disks(disks))
+    return 0
+
+
+def format_disks(disks: list[Disk]) -> str:
+    """A table like lsblk's: one row per disk, its partitions indented below it."""
+    rows: list[list[str]] = [["DEVICE", "SIZE", "START", "FSTYPE", "MOUNTPOINT",
+                              "MODEL / TYPE", "SERIAL"]]
+    notes: dict[int, list[str]] = {}
+    for d in disks:
+        model = f"loop of {d.backing_file}" if d.backing_file else (d.model or "-")
+        if d.backing_file and (d.loop_offset or d.loop_sizelimit):
+            model += f" @{d.loop_offset}+{d.loop_sizelimit or 'end'}"
+        table = f"[{d.label}]" if d.label else ""
+        rows.append([d.path, human(d.size), "", d.fs_type or table or "-",
+                     ",".join(d.mountpoints) or "-", model, d.serial or d.wwid or "-"])
+        extra = [f"note: {n}" for n in d.table_notes]
+        if d.table_error:
+            extra.append(f"partition table not read: {d.table_error}")
+        if extra:
+            notes[len(rows) - 1] = extra
+        for p in d.partitions:
+            rows.append([f"  {p.number:>2} {p.path or ''}".rstrip(), human(p.size),
+                         human(p.start), p.fs_type or "-", ",".join(p.mountpoints) or "-",
+                         p.type_name or "-", ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [c.rjust(w) if col in (1, 2) else c.ljust(w)
+                 for col, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        lines += [f"     {n}" for n in notes.get(i, [])]
+    if not disks:
+        lines.append("(no block devices found)")
+    return "\n".join(lines) + "\n"
+
+
+def human(n: int) -> str:
+    """Binary units with one decimal (4.0 MiB); exact bytes below 1 KiB."""
+    if n < 1024:
+        return f"{n} B"
+    value, units = n / 1024, ["KiB", "MiB", "GiB", "TiB", "PiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{value:.1f} {units[0]}"
