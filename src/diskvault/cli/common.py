@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ..crypto.passphrase import get_passphrase
 from ..errors import UsageError
@@ -45,7 +45,7 @@ def expand_placeholders(name: str) -> str:
     now = datetime.now()
     values = {
         "now": lambda f: now.strftime(f or "%Y-%m-%dT%H:%M:%S"),
-        "utcnow": lambda f: datetime.now(timezone.utc).strftime(f or "%Y-%m-%dT%H:%M:%S"),
+        "utcnow": lambda f: datetime.now(UTC).strftime(f or "%Y-%m-%dT%H:%M:%S"),
         "hostname": lambda f: socket.gethostname().split(".")[0],
         "fqdn": lambda f: socket.getfqdn(),
         "user": lambda f: getpass.getuser(),

@@ -58,13 +58,14 @@ class PackWriter:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def finish(self, codec: ObjectCodec) -> tuple[str, bytes, list[PackEntry]]:
+    def finish(self, codec: ObjectCodec) -> tuple[str, bytearray, list[PackEntry]]:
         toc = msgpack.packb([[e.id, e.offset, e.length, e.plain_size] for e in self.entries])
         toc_blob = codec.seal(TOC_AAD, toc)
         toc_offset = len(self.buf)
         self.buf += toc_blob
         self.buf += TRAILER.pack(toc_offset, len(toc_blob), TRAILER_MAGIC)
-        data = bytes(self.buf)
+        # hand over the buffer itself: a 32 MiB copy per pack showed up in RSS and time
+        data, self.buf = self.buf, bytearray()
         return blake3.blake3(data).hexdigest(), data, self.entries
 
 

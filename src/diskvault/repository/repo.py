@@ -328,9 +328,11 @@ class Repository:
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]}: pack {loc.pack[:16]} is truncated")
         return self.codec.open_chunk(chunk_id, blob)
 
-    def writer(self, upload_threads: int = 2) -> ChunkWriter:
+    def writer(self, upload_threads: int | None = None) -> ChunkWriter:
         from .writer import ChunkWriter
 
+        if upload_threads is None:
+            upload_threads = getattr(self.store, "upload_concurrency", 2)
         return ChunkWriter(self, upload_threads)
 
     def write_index_segment(self, idx: ChunkIndex) -> str:

@@ -50,8 +50,8 @@ class ChunkWriter:
         self.pack = PackWriter(self.repo.pack_size)
         fut = self.pool.submit(self.repo.store.store, pack_key(name), data)
         self.uploads.append((fut, name, entries, len(data)))
-        # bound memory: at most a few packs in flight
-        while len(self.uploads) > self.upload_threads + 1:
+        # bound memory: one pack being filled plus one per upload thread
+        while len(self.uploads) > self.upload_threads:
             self._reap_one()
 
     def _reap_one(self) -> None:

@@ -25,6 +25,8 @@ class Store(ABC):
 
     #: human-readable location for messages
     location: str = ""
+    #: uploads worth running at once (network stores gain from more; a local disk doesn't)
+    upload_concurrency: int = 4
 
     @abstractmethod
     def create(self) -> None:

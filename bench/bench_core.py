@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Core benchmark: diskvault vs Borg vs restic on the same images, in the same run.
+
+Images:
+  vm      a VM-disk-like image: 40 % random, 20 % text-like, 40 % zeros/holes;
+          vm2 = the same with ~3 % of its 4 KiB blocks rewritten (scattered writes)
+          plus a few MiB appended-style changes.
+  rootfs  an ext4 image of this machine's own Debian root (/usr, /etc: real OS files,
+          `mke2fs -d`), and a modified copy (a few hundred files changed/added).
+
+For each tool and configuration: first backup, second backup (of the modified image),
+`extract --stdout` of the second — wall time, CPU time, peak RSS, repository size.
+
+    python3 bench/bench_core.py [--size-gib 4] [--work DIR] [--skip-restic] [--only vm]
+
+Prints a table and ratios diskvault/borg with the same compression and encryption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+
+
+def run(cmd: list[str] | str, env: dict | None = None, stdin=None, stdout=None) -> dict:
+    """Run a command under /usr/bin/time; return wall, cpu, peak RSS (MiB)."""
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    fd, tfile = tempfile.mkstemp()
+    os.close(fd)
+    shell = isinstance(cmd, str)
+    full = (f"/usr/bin/time -o {tfile} -f '%e %U %S %M' {cmd}" if shell
+            else ["/usr/bin/time", "-o", tfile, "-f", "%e %U %S %M", *cmd])
+    t0 = time.perf_counter()
+    r = subprocess.run(full, env=e, stdin=stdin, stdout=stdout or subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, shell=shell)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {cmd}\n{r.stderr.decode()[-2000:]}")
+    with open(tfile) as f:
+        parts = f.read().split()[-4:]
+    os.unlink(tfile)
+    _, user, sys_, rss = (float(x) for x in parts)
+    return {"wall": wall, "cpu": user + sys_, "rss": rss / 1024}
+
+
+def du(path: str) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(d, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def drop_caches() -> None:
+    # the images are read from page cache by every tool alike; repositories too
+    subprocess.run(["sync"], check=False)
+
+
+# --- images -------------------------------------------------------------------------
+
+def make_vm(path: str, size: int, seed: int = 7) -> None:
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 10)))
+             for _ in range(20000)]
+    text = b" ".join(rnd.choice(words) for _ in range(2_000_000))
+    with open(path, "wb") as f:
+        blk = 4 * MiB
+        for i in range(size // blk):
+            r = rnd.random()
+            if r < 0.40:
+                f.write(os.urandom(blk))
+            elif r < 0.60:
+                off = rnd.randrange(0, len(text) - blk)
+                f.write(text[off : off + blk])
+            elif r < 0.80:
+                f.write(bytes(blk))
+            else:
+                f.seek(blk, 1)
+        f.truncate(size)
+
+
+def modify_vm(src: str, dst: str, frac: float = 0.03, seed: int = 8) -> None:
+    shutil.copyfile(src, dst)
+    rnd = random.Random(seed)
+    size = os.path.getsize(dst)
+    nblocks = size // 4096
+    with open(dst, "r+b") as f:
+        for _ in range(int(nblocks * frac)):
+            f.seek(rnd.randrange(nblocks) * 4096)
+            f.write(os.urandom(4096))
+        for _ in range(4):  # a few MiB of contiguous change
+            f.seek(rnd.randrange(size // MiB - 2) * MiB)
+            f.write(os.urandom(MiB))
+
+
+def make_rootfs(work: str) -> tuple[str, str]:
+    tree = os.path.join(work, "root")
+    os.makedirs(tree, exist_ok=True)
+    for d in ("/usr/lib", "/usr/share", "/usr/bin", "/etc"):
+        subprocess.run(["cp", "-a", "--parents", d, tree], check=False,
+                       stderr=subprocess.DEVNULL)
+    img1 = os.path.join(work, "rootfs.img")
+    used = du(tree)
+    size = max(512 * MiB, int(used * 1.6) // MiB * MiB)
+    with open(img1, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, img1], check=True)
+    # modified copy: change and add files in the image without mounting (debugfs)
+    img2 = os.path.join(work, "rootfs2.img")
+    shutil.copyfile(img1, img2)
+    cmds = []
+    for i in range(200):
+        p = os.path.join(work, f"new{i}")
+        with open(p, "wb") as f:
+            f.write(os.urandom(20000) + b"config line\n" * 500)
+        cmds.append(f"write {p} /etc/new{i}")
+    with open(os.path.join(work, "debugfs.cmds"), "w") as f:
+        f.write("\n".join(cmds) + "\n")
+    subprocess.run(["debugfs", "-w", "-f", os.path.join(work, "debugfs.cmds"), img2],
+                   check=True, capture_output=True)
+    shutil.rmtree(tree)
+    return img1, img2
+
+
+# --- tools --------------------------------------------------------------------------
+
+def bench_diskvault(work, img1, img2, comp, enc):
+    repo = os.path.join(work, f"dv-{comp}-{enc}")
+    env = {"DISKVAULT_PASSPHRASE": "bench"}
+    shutil.rmtree(repo, ignore_errors=True)
+    subprocess.run(["diskvault", "init", "-e", enc, repo], env={**os.environ, **env}, check=True)
+    a = run(["diskvault", "create", "-C", comp, f"{repo}::one", img1], env)
+    size1 = du(repo)
+    b = run(["diskvault", "create", "-C", comp, f"{repo}::two", img2], env)
+    c = run(["diskvault", "extract", "--stdout", f"{repo}::two"], env)
+    res = {"first": a, "second": b, "extract": c, "repo1": size1, "repo2": du(repo)}
+    shutil.rmtree(repo)
+    return res
+
+
+def bench_borg(work, img1, img2, comp, enc):
+    repo = os.path.join(work, f"borg-{comp}-{enc}")
+    env = {"BORG_PASSPHRASE": "bench", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+           "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+    shutil.rmtree(repo, ignore_errors=True)
+    subprocess.run(["borg", "init", "-e", enc, repo], env={**os.environ, **env}, check=True)
+    common = ["--read-special", "--chunker-params", "fixed,4194304", "-C", comp]
+    a = run(["borg", "create", *common, f"{repo}::one", img1], env)
+    size1 = du(repo)
+    b = run(["borg", "create", *common, f"{repo}::two", img2], env)
+    c = run(["borg", "extract", "--stdout", f"{repo}::two"], env)
+    res = {"first": a, "second": b, "extract": c, "repo1": size1, "repo2": du(repo)}
+    shutil.rmtree(repo)
+    return res
+
+
+def bench_restic(work, img1, img2):
+    repo = os.path.join(work, "restic")
+    env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": repo,
+           "RESTIC_CACHE_DIR": os.path.join(work, "restic-cache")}
+    shutil.rmtree(repo, ignore_errors=True)
+    subprocess.run(["restic", "init", "-q"], env={**os.environ, **env}, check=True)
+    a = run(f"restic backup -q --stdin --stdin-filename disk.img < {img1}", env)
+    size1 = du(repo)
+    b = run(f"restic backup -q --stdin --stdin-filename disk.img < {img2}", env)
+    c = run("restic dump -q latest disk.img", env)
+    res = {"first": a, "second": b, "extract": c, "repo1": size1, "repo2": du(repo)}
+    shutil.rmtree(repo)
+    return res
+
+
+def report(name: str, size: int, results: dict) -> None:
+    print(f"\n=== {name}: {size / MiB:.0f} MiB image ===")
+    hdr = (f"{'tool/config':34} {'1st MB/s':>9} {'2nd MB/s':>9} {'extr MB/s':>9} "
+           f"{'1st cpu s':>9} {'RSS MiB':>8} {'repo1 MiB':>9} {'+repo2 MiB':>10}")
+    print(hdr)
+    for key, r in results.items():
+        mbs = lambda x: size / MiB / x["wall"]  # noqa: E731
+        print(f"{key:34} {mbs(r['first']):9.0f} {mbs(r['second']):9.0f} "
+              f"{mbs(r['extract']):9.0f} {r['first']['cpu']:9.1f} "
+              f"{max(r['first']['rss'], r['second']['rss'], r['extract']['rss']):8.0f} "
+              f"{r['repo1'] / MiB:9.1f} {(r['repo2'] - r['repo1']) / MiB:10.1f}")
+    print("ratios diskvault / borg (same compression+encryption; >1 = diskvault faster/smaller "
+          "for speed, <1 = smaller for size):")
+    for key, r in results.items():
+        if not key.startswith("diskvault"):
+            continue
+        bkey = key.replace("diskvault", "borg").replace("repokey", "repokey-blake2")
+        if bkey not in results:
+            continue
+        b = results[bkey]
+        print(f"  {key:32} create x{b['first']['wall'] / r['first']['wall']:.2f}  "
+              f"2nd x{b['second']['wall'] / r['second']['wall']:.2f}  "
+              f"extract x{b['extract']['wall'] / r['extract']['wall']:.2f}  "
+              f"repo {r['repo2'] / b['repo2']:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=4.0)
+    ap.add_argument("--work", default="/var/tmp/diskvault-bench")
+    ap.add_argument("--skip-restic", action="store_true")
+    ap.add_argument("--only", choices=["vm", "rootfs"])
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    sets = []
+    if args.only in (None, "vm"):
+        vm1, vm2 = os.path.join(args.work, "vm.img"), os.path.join(args.work, "vm2.img")
+        size = int(args.size_gib * 1024) * MiB
+        if not os.path.exists(vm1) or os.path.getsize(vm1) != size:
+            print("generating VM-like images ...", file=sys.stderr)
+            make_vm(vm1, size)
+            modify_vm(vm1, vm2)
+        sets.append(("vm", vm1, vm2))
+    if args.only in (None, "rootfs"):
+        print("generating rootfs images ...", file=sys.stderr)
+        r1, r2 = make_rootfs(args.work)
+        sets.append(("rootfs", r1, r2))
+    for name, img1, img2 in sets:
+        results = {}
+        for comp in ("lz4", "zstd,3"):
+            for enc, benc in (("none", "none"), ("repokey", "repokey-blake2")):
+                print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
+                results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
+                                                                     comp, enc)
+                print(f"{name}: borg {comp} {benc} ...", file=sys.stderr)
+                results[f"borg {comp} {benc}"] = bench_borg(args.work, img1, img2, comp, benc)
+        if not args.skip_restic:
+            print(f"{name}: restic ...", file=sys.stderr)
+            results["restic (zstd auto, encrypted)"] = bench_restic(args.work, img1, img2)
+        report(name, os.path.getsize(img1), results)
+
+
+if __name__ == "__main__":
+    main()
