@@ -33,20 +33,24 @@ class Cipher(ABC):
     suite: int
 
     @abstractmethod
-    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes: ...
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes | bytearray: ...
 
     @abstractmethod
-    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
+    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes | bytearray:
         """Return the plaintext or raise IntegrityError naming ``what``."""
 
 
 class PlainCipher(Cipher):
     suite = SUITE_NONE
 
-    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes:
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytearray:
         h = blake3.blake3(aad)
         h.update(plaintext)
-        return b"\x00" + bytes(plaintext) + h.digest(TAG_LEN)
+        out = bytearray(1 + len(plaintext) + TAG_LEN)
+        mv = memoryview(out)
+        mv[1 : 1 + len(plaintext)] = plaintext
+        mv[1 + len(plaintext) :] = h.digest(TAG_LEN)
+        return out
 
     def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
         mv = memoryview(sealed)
@@ -57,7 +61,7 @@ class PlainCipher(Cipher):
         h.update(body)
         if h.digest(TAG_LEN) != mv[-TAG_LEN:]:
             raise IntegrityError(f"{what}: checksum mismatch (data is damaged)")
-        return bytes(body)
+        return body  # type: ignore[return-value]  # a view: decompress copies it anyway
 
 
 class AesGcmCipher(Cipher):
@@ -79,11 +83,16 @@ class AesGcmCipher(Cipher):
                     info=b"diskvault-object-key-v1" + session)
         return hkdf.derive(self._master)
 
-    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes:
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytearray:
         n = next(self._counter)
         header = bytes([SUITE_AES256GCM]) + self._session + n.to_bytes(8, "little")
         nonce = n.to_bytes(12, "little")
-        return header + self._seal_aead.encrypt(nonce, bytes(plaintext), header + aad)
+        # encrypt straight into the output buffer: no copies of multi-MiB chunks
+        out = bytearray(self.HEADER + len(plaintext) + TAG_LEN)
+        out[: self.HEADER] = header
+        self._seal_aead.encrypt_into(nonce, plaintext, header + aad,
+                                     memoryview(out)[self.HEADER :])
+        return out
 
     def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
         mv = memoryview(sealed)
@@ -99,6 +108,8 @@ class AesGcmCipher(Cipher):
                 aead = self._open_cache[session] = AESGCM(self._derive(session))
         nonce = counter + b"\x00\x00\x00\x00"
         try:
-            return aead.decrypt(nonce, mv[self.HEADER :], header + aad)
+            out = bytearray(len(mv) - self.HEADER - TAG_LEN)
+            aead.decrypt_into(nonce, mv[self.HEADER :], header + aad, out)
+            return out
         except InvalidTag:
             raise IntegrityError(f"{what}: authentication failed (damaged or forged)") from None

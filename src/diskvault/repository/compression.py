@@ -77,16 +77,16 @@ class Compression:
     def compress(self, data: bytes | memoryview) -> bytes:
         n = len(data)
         if self.algo == NONE:
-            return HEADER.pack(NONE, n) + bytes(data)
+            return HEADER.pack(NONE, n) + data
         if self.auto or self.algo == LZ4:
             fast = lz4.block.compress(data, store_size=False)
             if len(fast) > n * AUTO_KEEP_RATIO and (self.auto or len(fast) >= n):
-                return HEADER.pack(NONE, n) + bytes(data)
+                return HEADER.pack(NONE, n) + data
             if self.algo == LZ4:
                 return HEADER.pack(LZ4, n) + fast
         out = _zc(self.level).compress(data)
         if len(out) >= n:
-            return HEADER.pack(NONE, n) + bytes(data)
+            return HEADER.pack(NONE, n) + data
         return HEADER.pack(ZSTD, n) + out
 
 
