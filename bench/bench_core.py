@@ -78,7 +78,7 @@ def make_vm(path: str, size: int, seed: int = 7) -> None:
     text = b" ".join(rnd.choice(words) for _ in range(2_000_000))
     with open(path, "wb") as f:
         blk = 4 * MiB
-        for i in range(size // blk):
+        for _ in range(size // blk):
             r = rnd.random()
             if r < 0.40:
                 f.write(os.urandom(blk))

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--content-from-command", action="store_true",
                    help="store the output of the command given after --")
     p.add_argument("--one-file-system", action="store_true")
+    p.add_argument("--skip-unused", action="store_true",
+                   help="files and devices holding a known filesystem (ext2/3/4, NTFS, FAT, "
+                   "XFS, swap...): do not read or store its free blocks (restored as zeros)")
     p.add_argument("--comment", default="")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                          progress=Progress(args.progress, "") if args.progress else None)
     sopts = SourceOptions(read_special=args.read_special,
                           read_special_timeout=args.read_special_timeout,
-                          one_file_system=args.one_file_system)
+                          one_file_system=args.one_file_system,
+                          skip_unused=args.skip_unused)
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         if args.content_from_command:
             sources = iter([CommandSource(args.paths, args.stdin_name, args.stdin_mode).source])

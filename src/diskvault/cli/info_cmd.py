@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..archive.model import Item
 from ..archive.view import ArchiveView
 from .common import READ, add_common, fmt_size, fmt_time, open_repo, split_location
 
@@ -77,11 +78,53 @@ def run(args: argparse.Namespace) -> int:
               f"Deduplicated: {fmt_size(s.get('dedup', 0))}\n"
               f"Stored by this archive: {fmt_size(s.get('new_stored', 0))} "
               f"({s.get('new_chunks', 0)} new chunks)")
-        for it in items:
-            if it.get("partition") is not None or it.get("fs"):
-                print(f"  {it['path']}: {fmt_size(it['size'])}, fs {it.get('fs') or '-'}, "
-                      f"read {fmt_size(it.get('read', 0))}, "
-                      f"unused {fmt_size(it.get('unused', 0))}, "
-                      f"zero {fmt_size(it.get('zero', 0))}"
-                      + (f" ({it['note']})" if it.get("note") else ""))
+        if info["disk"]:
+            print(format_disk(info["disk"]))
+        for line in format_disk_items(view.items):
+            print(line)
     return 0
+
+
+def format_disk(disk: dict) -> str:
+    ident = ", ".join(f"{k} {disk[k]}" for k in ("serial", "model", "wwid") if disk.get(k))
+    return (f"Disk: {disk.get('path')} ({disk.get('kind')}{', ' + ident if ident else ''}), "
+            f"{fmt_size(disk.get('size', 0))}, {disk.get('sector_size')}-byte sectors, "
+            f"table {disk.get('label') or 'none'}"
+            + (f" (id {disk['disk_id']})" if disk.get("disk_id") else "")
+            + f", {len(disk.get('partitions', []))} partitions")
+
+
+def format_disk_items(items: list[Item]) -> list[str]:
+    """Per-partition figures of a disk archive; table structures and gaps summed up.
+
+    Items that are neither (plain archives) are shown when a filesystem was found on
+    them (``create --skip-unused``); other items are not worth a line each.
+    """
+    lines, rest, n_rest = [], dict.fromkeys(_FIGURES, 0), 0
+    for i in items:
+        if i.extents is None:
+            continue
+        if i.partition is None and not i.fs and i.source in ("table", "gap"):
+            n_rest += 1
+            rest["total"] += i.size
+            for k in _FIGURES[1:]:
+                rest[k] += (i.stats or {}).get(k, 0)
+            continue
+        if i.partition is None and not i.fs and i.source != "disk":
+            continue
+        figures = {"total": i.size, **{k: (i.stats or {}).get(k) for k in _FIGURES[1:]}}
+        lines.append(f"  {i.path} ({i.fs or 'no known filesystem'}): " + _figures(figures)
+                     + (f"\n      note: {i.note}" if i.note else ""))
+    if n_rest:
+        lines.append(f"  partition table and gaps ({n_rest} items): " + _figures(rest))
+    return lines
+
+
+_FIGURES = ("total", "read", "unused", "zero", "dedup", "stored")
+_LABELS = {"total": "total", "read": "read", "unused": "skipped as unused", "zero": "zero",
+           "dedup": "dedup", "stored": "stored"}
+
+
+def _figures(f: dict) -> str:
+    """Only figures the archive recorded: plain `create` keeps no per-item "stored"."""
+    return ", ".join(f"{_LABELS[k]} {fmt_size(f[k])}" for k in _FIGURES if f.get(k) is not None)

@@ -16,8 +16,10 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..blockmap.base import BlockMap
 from ..errors import SourceError
 from .content import Content, SeekableContent, StreamContent
+from .reader import FileRangeReader
 
 
 @dataclass
@@ -26,6 +28,7 @@ class SourceOptions:
     read_special_timeout: float = 300.0
     one_file_system: bool = False
     xattrs: bool = True
+    skip_unused: bool = False  # apply a filesystem's block map to seekable items
 
 
 # entry types (what is restored); archive/model.py uses the same names
@@ -52,6 +55,8 @@ class Meta:
     rdev: int | None = None
     xattrs: dict[bytes, bytes] | None = None
     source: str | None = None
+    fs: str | None = None  # filesystem found on the content (--skip-unused)
+    note: str | None = None  # why its block map was not applied, if it was not
 
 
 @dataclass
@@ -171,7 +176,7 @@ def _walk_one(path: str, st: os.stat_result, opts: SourceOptions,
             return
         hardlinks[key] = item.path
     if stat.S_ISREG(mode) or (opts.read_special and stat.S_ISBLK(mode)):
-        yield _open_seekable(path, item, stat.S_ISBLK(mode))
+        yield _open_seekable(path, item, stat.S_ISBLK(mode), opts.skip_unused)
         return
     if opts.read_special and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
         fifo = stat.S_ISFIFO(mode)
@@ -192,7 +197,8 @@ def _walk_one(path: str, st: os.stat_result, opts: SourceOptions,
     yield Source(item)
 
 
-def _open_seekable(path: str, item: Meta, is_block: bool) -> Source:
+def _open_seekable(path: str, item: Meta, is_block: bool, skip_unused: bool = False
+                   ) -> Source:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -207,7 +213,67 @@ def _open_seekable(path: str, item: Meta, is_block: bool) -> Source:
     except OSError:
         pass
     content = SeekableContent(fd, size, what=path, holes=not is_block)
+    if skip_unused and size >= MIN_FS_SIZE:
+        content.blockmap, item.fs, item.note = filesystem_map(fd, 0, size)
+        if content.blockmap is not None and (mounts := writable_mounts(path, [(0, size)])[0]):
+            content.blockmap = None
+            item.note = mounted_note(mounts)
     return Source(item, content, lambda: os.close(fd))
+
+
+# smaller files hold no filesystem worth a block map: not even probed (a tree of small
+# files would otherwise cost ~10 reads per file)
+MIN_FS_SIZE = 64 << 10
+
+
+def filesystem_map(fd: int, start: int, size: int) -> tuple[BlockMap | None, str | None,
+                                                            str | None]:
+    """(block map worth applying or None, filesystem type, note) of a byte range.
+
+    A map that marks everything used is dropped: it would only cost bitmap lookups.
+    """
+    from ..blockmap.probe import block_map_for  # parsers load only when maps are wanted
+
+    try:
+        bmap = block_map_for(FileRangeReader(fd, start, size))
+    except OSError as e:  # reading the content will report the error where it matters
+        return None, None, f"filesystem not probed ({e.strerror}): all blocks read"
+    fs = None if bmap.fs_type == "unknown" else bmap.fs_type
+    return (None if bmap.is_all_used else bmap), fs, bmap.note or None
+
+
+def writable_mounts(path: str, ranges: list[tuple[int, int]]) -> list[list[str]]:
+    """For each byte range ``(start, size)`` of a device or image: where it is in use.
+
+    Read-write mounts and active swap count; a read-only mount does not change blocks,
+    so its block map stays trustworthy. A live read-write filesystem allocates blocks
+    after its bitmaps were read: skipping "free" blocks could then drop new data that
+    a plain read would have caught, so callers read such ranges whole.
+    """
+    from .disks import Inventory  # sysfs and mountinfo: only read when a map is applied
+
+    inv = Inventory()
+    in_use = inv.in_use()
+    base = inv.extents_of_path(path)
+    out = []
+    for start, size in ranges:
+        ext = [(b, s + start, min(e, s + start + size)) for b, s, e in base]
+        out.append([m for m in inv.mounts_overlapping(ext, in_use) if not _read_only(m)])
+    return out
+
+
+def _read_only(mountpoint: str) -> bool:
+    if mountpoint == "[SWAP]":
+        return False
+    try:
+        return bool(os.statvfs(mountpoint).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False  # not visible from here: assume the worst
+
+
+def mounted_note(mounts: list[str]) -> str:
+    return (f"in use read-write ({', '.join(mounts)}): all blocks read, and they may "
+            "change while being read")
 
 
 def stdin_source(name: str, mode: int, user: str | None = None, group: str | None = None
