@@ -163,3 +163,19 @@ def test_loop_device_read_special(tmp_path, image):
                        f"| dd of={tdev} bs=4M status=none", shell=True, check=True,
                        env={**os.environ, **env})
         assert sha256_file(tdev) == sha256_file(image)
+
+
+@needs_loop
+def test_read_special_follows_symlink_to_device(tmp_path):
+    """/dev/disk/by-id names are symlinks: --read-special reads the device they name."""
+    img = str(tmp_path / "small.img")
+    with open(img, "wb") as f:
+        f.write(os.urandom(3 << 20))
+    repo = str(tmp_path / "repo")
+    env = init_repo(repo)
+    with loop_device(img) as dev:
+        link = tmp_path / "by-id-serial"
+        os.symlink(dev, link)
+        dv("create", "--read-special", f"{repo}::l", str(link), env=env)
+    out = dv("extract", "--stdout", f"{repo}::l", env=env).stdout
+    assert hashlib.sha256(out).hexdigest() == sha256_file(img)

@@ -165,6 +165,18 @@ def _walk_one(path: str, st: os.stat_result, opts: SourceOptions,
             yield from _walk_one(child, cst, opts, hardlinks, root_dev)
         return
     if stat.S_ISLNK(mode):
+        if opts.read_special:
+            # like Borg: --read-special follows symlinks to devices and FIFOs
+            # (/dev/disk/by-id/… names are symlinks)
+            try:
+                target = os.stat(path)
+            except OSError:
+                target = None
+            if target is not None and (stat.S_ISBLK(target.st_mode)
+                                       or stat.S_ISCHR(target.st_mode)
+                                       or stat.S_ISFIFO(target.st_mode)):
+                yield from _walk_one(path, target, opts, hardlinks, root_dev)
+                return
         item.type, item.target = SYMLINK, os.readlink(path)
         yield Source(item)
         return
