@@ -53,7 +53,9 @@ class ReadStats:
 
 
 class Content(Protocol):
-    size: int | None
+    @property
+    def size(self) -> int | None: ...  # read-only here: SeekableContent narrows it to int
+
     stats: ReadStats
 
     def pieces(self, chunker: Chunker) -> Iterator[Piece]: ...
