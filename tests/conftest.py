@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# real SeaweedFS (S3) and sshd (SFTP) servers on 127.0.0.1, started once per session
+pytest_plugins = ["storage.servers"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
