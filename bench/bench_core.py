@@ -28,6 +28,7 @@ import tempfile
 import time
 
 MiB = 1 << 20
+REPO_DIR: str | None = None  # --repo-dir: e.g. a tmpfs, to measure CPU rather than the disk
 
 
 def run(cmd: list[str] | str, env: dict | None = None, stdin=None, stdout=None) -> dict:
@@ -92,8 +93,13 @@ def make_vm(path: str, size: int, seed: int = 7) -> None:
         f.truncate(size)
 
 
+def sparse_copy(src: str, dst: str) -> None:
+    # VM images are sparse files; a plain copy would turn their holes into zeros
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+
+
 def modify_vm(src: str, dst: str, frac: float = 0.03, seed: int = 8) -> None:
-    shutil.copyfile(src, dst)
+    sparse_copy(src, dst)
     rnd = random.Random(seed)
     size = os.path.getsize(dst)
     nblocks = size // 4096
@@ -109,7 +115,8 @@ def modify_vm(src: str, dst: str, frac: float = 0.03, seed: int = 8) -> None:
 def make_rootfs(work: str) -> tuple[str, str]:
     tree = os.path.join(work, "root")
     os.makedirs(tree, exist_ok=True)
-    for d in ("/usr/lib", "/usr/share", "/usr/bin", "/etc"):
+    # a Debian root's typical content, about 1.7 GB: binaries, libraries, docs, config
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/etc"):
         subprocess.run(["cp", "-a", "--parents", d, tree], check=False,
                        stderr=subprocess.DEVNULL)
     img1 = os.path.join(work, "rootfs.img")
@@ -120,10 +127,12 @@ def make_rootfs(work: str) -> tuple[str, str]:
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, img1], check=True)
     # modified copy: change and add files in the image without mounting (debugfs)
     img2 = os.path.join(work, "rootfs2.img")
-    shutil.copyfile(img1, img2)
+    sparse_copy(img1, img2)
     cmds = []
+    newdir = os.path.join(work, "new")
+    os.makedirs(newdir, exist_ok=True)
     for i in range(200):
-        p = os.path.join(work, f"new{i}")
+        p = os.path.join(newdir, f"new{i}")
         with open(p, "wb") as f:
             f.write(os.urandom(20000) + b"config line\n" * 500)
         cmds.append(f"write {p} /etc/new{i}")
@@ -132,13 +141,14 @@ def make_rootfs(work: str) -> tuple[str, str]:
     subprocess.run(["debugfs", "-w", "-f", os.path.join(work, "debugfs.cmds"), img2],
                    check=True, capture_output=True)
     shutil.rmtree(tree)
+    shutil.rmtree(newdir)
     return img1, img2
 
 
 # --- tools --------------------------------------------------------------------------
 
 def bench_diskvault(work, img1, img2, comp, enc):
-    repo = os.path.join(work, f"dv-{comp}-{enc}")
+    repo = os.path.join(REPO_DIR or work, f"dv-{comp}-{enc}")
     env = {"DISKVAULT_PASSPHRASE": "bench"}
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run(["diskvault", "init", "-e", enc, repo], env={**os.environ, **env}, check=True)
@@ -152,7 +162,7 @@ def bench_diskvault(work, img1, img2, comp, enc):
 
 
 def bench_borg(work, img1, img2, comp, enc):
-    repo = os.path.join(work, f"borg-{comp}-{enc}")
+    repo = os.path.join(REPO_DIR or work, f"borg-{comp}-{enc}")
     env = {"BORG_PASSPHRASE": "bench", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
            "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
     shutil.rmtree(repo, ignore_errors=True)
@@ -168,7 +178,7 @@ def bench_borg(work, img1, img2, comp, enc):
 
 
 def bench_restic(work, img1, img2):
-    repo = os.path.join(work, "restic")
+    repo = os.path.join(REPO_DIR or work, "restic")
     env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": repo,
            "RESTIC_CACHE_DIR": os.path.join(work, "restic-cache")}
     shutil.rmtree(repo, ignore_errors=True)
@@ -214,7 +224,12 @@ def main() -> None:
     ap.add_argument("--work", default="/var/tmp/diskvault-bench")
     ap.add_argument("--skip-restic", action="store_true")
     ap.add_argument("--only", choices=["vm", "rootfs"])
+    ap.add_argument("--repo-dir", help="put repositories here (default: --work)")
+    ap.add_argument("--tools", default="diskvault,borg,restic")
     args = ap.parse_args()
+    global REPO_DIR
+    REPO_DIR = args.repo_dir
+    tools = set(args.tools.split(","))
     os.makedirs(args.work, exist_ok=True)
     sets = []
     if args.only in (None, "vm"):
@@ -233,12 +248,15 @@ def main() -> None:
         results = {}
         for comp in ("lz4", "zstd,3"):
             for enc, benc in (("none", "none"), ("repokey", "repokey-blake2")):
-                print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
-                results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
-                                                                     comp, enc)
-                print(f"{name}: borg {comp} {benc} ...", file=sys.stderr)
-                results[f"borg {comp} {benc}"] = bench_borg(args.work, img1, img2, comp, benc)
-        if not args.skip_restic:
+                if "diskvault" in tools:
+                    print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
+                    results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
+                                                                         comp, enc)
+                if "borg" in tools:
+                    print(f"{name}: borg {comp} {benc} ...", file=sys.stderr)
+                    results[f"borg {comp} {benc}"] = bench_borg(args.work, img1, img2, comp,
+                                                                benc)
+        if not args.skip_restic and "restic" in tools:
             print(f"{name}: restic ...", file=sys.stderr)
             results["restic (zstd auto, encrypted)"] = bench_restic(args.work, img1, img2)
         report(name, os.path.getsize(img1), results)

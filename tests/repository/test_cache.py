@@ -47,6 +47,7 @@ def test_cache_downloads_only_new_segments_and_matches_a_full_load(tmp_path):
     cache = RepoCache(repo.id, repo.codec)
     first = cache.load_index(store, segment_loader(repo))
     assert entries(first) == entries(repo.load_index())
+    repo.cache = RepoCache(repo.id, repo.codec, enabled=False)  # "b" comes from another host
     backup(repo, "b", os.urandom(2 << 20))
     store.loads.clear()
     second = cache.load_index(store, segment_loader(repo))
@@ -81,8 +82,12 @@ def test_cache_drops_packs_that_vanished(tmp_path):
     repo.close()
 
 
+class RemoteLikeStore(LocalStore):
+    remote = True  # archive metadata is cached only for stores across a network
+
+
 def test_archive_blob_cache_is_still_authenticated(tmp_path):
-    store = LocalStore(str(tmp_path / "repo"))
+    store = RemoteLikeStore(str(tmp_path / "repo"))
     repo = Repository.init(store, "repokey", lambda c: "pw")
     backup(repo, "a", b"hello" * 1000)
     ref = repo.manifest.archives["a"]
@@ -91,4 +96,21 @@ def test_archive_blob_cache_is_still_authenticated(tmp_path):
     assert blob == store.load(f"archives/{ref.id.hex()}")
     store.delete(f"archives/{ref.id.hex()}")
     assert cache.archive_blob(store, ref.id) == blob  # served from the cache
+    repo.close()
+
+
+def test_orphan_packs_stay_indexed_and_their_toc_is_read_once(tmp_path):
+    store = CountingStore(str(tmp_path / "repo"))
+    repo = Repository.init(store, "none", lambda c: "", pack_size=1 << 20)
+    w = repo.writer()
+    data = os.urandom(100000)
+    cid = repo.id_hash(data)
+    w.add(cid, repo.codec.seal(cid, data), len(data))
+    w.flush()  # no segment: an orphan, found by its TOC
+    cache = RepoCache(repo.id, repo.codec)
+    store.loads.clear()
+    for _ in range(3):
+        idx = cache.load_index(store, lambda n: ChunkIndex())
+        assert cid in idx and cache.orphans
+    assert sum(n.startswith("packs/") for n in store.loads) == 2  # trailer + TOC, once
     repo.close()

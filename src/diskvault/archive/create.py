@@ -57,6 +57,7 @@ class CreateOptions:
     dry_run: bool = False
     comment: str = ""
     progress: Callable[[int, int | None], None] | None = None  # (done, total)
+    upload_threads: int | None = None  # packs uploaded at once; None: what the store suits
 
 
 class _DryWriter:
@@ -87,7 +88,8 @@ class ArchiveBuilder:
         self.repo = repo
         self.opts = opts
         repo.codec.compression = opts.compression
-        self.writer: ChunkWriter | _DryWriter = _DryWriter(repo) if opts.dry_run else repo.writer()
+        self.writer: ChunkWriter | _DryWriter = (
+            _DryWriter(repo) if opts.dry_run else repo.writer(opts.upload_threads))
         self.pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="chunk")
         self.max_inflight = 2 * max(1, opts.workers) + 2
         self.items: list[Item] = []

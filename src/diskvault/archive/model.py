@@ -128,6 +128,8 @@ class Item:
         try:
             kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
             if "extents" in kw:
+                if not isinstance(kw["extents"], bytes):  # bytearray(<int>) would allocate it
+                    raise TypeError("extents")
                 kw["extents"] = Extents(kw["extents"])
             item = cls(**kw)
         except Exception:  # noqa: BLE001 - malformed metadata is one integrity error
@@ -149,5 +151,5 @@ def unpack_items(data: bytes) -> Iterator[Item]:
             if not isinstance(d, dict):
                 raise IntegrityError("archive item stream is malformed")
             yield Item.from_dict(d)
-    except (ValueError, msgpack.UnpackException) as e:
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # TypeError: a map as key
         raise IntegrityError(f"archive item stream is malformed ({e})") from None

@@ -79,6 +79,22 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="wait at most this long for a repository lock (default 1)")
 
 
+def _connections(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of connections from 1 to 64: {s!r}")
+    return n
+
+
+def add_upload_connections(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upload-connections", type=_connections, default=None, metavar="N",
+                   help="upload N packs at once (default: 4 for S3 and SFTP, 1 for a "
+                   "local directory; each costs one pack of memory, 32 MiB by default)")
+
+
 def fmt_size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1000 or unit == "PB":

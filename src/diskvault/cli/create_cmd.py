@@ -15,6 +15,7 @@ from .common import (
     WRITE,
     Progress,
     add_common,
+    add_upload_connections,
     expand_placeholders,
     fmt_size,
     open_repo,
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "XFS, swap...): do not read or store its free blocks (restored as zeros)")
     p.add_argument("--comment", default="")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    add_upload_connections(p)
     p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("-s", "--stats", action="store_true")
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to back up: give PATHs or - for stdin")
     opts = CreateOptions(compression=args.compression, chunker=args.chunker_params,
                          workers=args.workers, dry_run=args.dry_run, comment=args.comment,
+                         upload_threads=args.upload_connections,
                          progress=Progress(args.progress, "") if args.progress else None)
     sopts = SourceOptions(read_special=args.read_special,
                           read_special_timeout=args.read_special_timeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import WRITE, add_common, open_repo, split_location
+from .common import EXCLUSIVE_LOCK, add_common, open_repo, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     repo_loc, name = split_location(args.location, need_archive=True)
-    with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
+    # exclusive, like prune and compact: no create or restore sees an archive vanish
+    with open_repo(repo_loc, EXCLUSIVE_LOCK, args.lock_wait) as repo:
         repo.delete_archives([name or "", *args.more])
     return 0

@@ -19,7 +19,15 @@ from ..errors import UsageError, Warning_
 from ..repository.compression import Compression
 from ..source.disks import find_by_serial
 from . import disk_restore_cmd
-from .common import WRITE, Progress, add_common, expand_placeholders, open_repo, split_location
+from .common import (
+    WRITE,
+    Progress,
+    add_common,
+    add_upload_connections,
+    expand_placeholders,
+    open_repo,
+    split_location,
+)
 from .create_cmd import print_stats
 from .info_cmd import format_disk_items
 
@@ -44,6 +52,7 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
                    help="none, lz4 (default), zstd[,L], auto,C[,L]")
     p.add_argument("--comment", default="")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    add_upload_connections(p)
     p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("-s", "--stats", action="store_true",
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(args.progress, "") if args.progress else None
     opts = CreateOptions(compression=args.compression, chunker=args.chunker_params,
                          workers=args.workers, dry_run=args.dry_run, comment=args.comment,
+                         upload_threads=args.upload_connections,
                          progress=progress)
     src = DiskSource.open(path)
     try:

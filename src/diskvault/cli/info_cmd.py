@@ -7,6 +7,7 @@ import json
 
 from ..archive.model import Item
 from ..archive.view import ArchiveView
+from ..errors import IntegrityError
 from .common import READ, add_common, fmt_size, fmt_time, open_repo, split_location
 
 
@@ -24,11 +25,16 @@ def repo_summary(repo) -> dict:
         chunks += 1
         plain += loc.plain_size
         stored += loc.length
-    original = 0
+    original = unreadable = 0
     for ref in repo.manifest.sorted_archives():
-        original += int(repo.load_archive(ref).get("stats", {}).get("original", 0))
+        try:
+            stats = repo.load_archive(ref).get("stats")
+            original += int(stats.get("original", 0)) if isinstance(stats, dict) else 0
+        except IntegrityError:  # a damaged archive must not hide the rest: check names it
+            unreadable += 1
     return {"location": repo.store.location, "id": repo.id.hex(), "encryption": repo.encryption,
             "append_only": repo.append_only, "archives": len(repo.manifest.archives),
+            "unreadable_archives": unreadable,
             "original_size": original, "unique_chunks": chunks, "unique_size": plain,
             "stored_size": stored}
 
@@ -44,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"Repository: {summary['location']}\nRepository ID: {summary['id']}\n"
                   f"Encryption: {summary['encryption']}"
                   f"{' (append-only)' if summary['append_only'] else ''}\n"
-                  f"Archives: {summary['archives']}\n"
+                  f"Archives: {summary['archives']}"
+                  + (f" ({summary['unreadable_archives']} damaged: run 'check')"
+                     if summary["unreadable_archives"] else "") + "\n"
                   f"All archives, original size: {fmt_size(summary['original_size'])}\n"
                   f"Unique chunks: {summary['unique_chunks']}, "
                   f"{fmt_size(summary['unique_size'])} → stored "

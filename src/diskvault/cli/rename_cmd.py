@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
+from .common import EXCLUSIVE_LOCK, add_common, expand_placeholders, open_repo, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     repo_loc, name = split_location(args.location, need_archive=True)
-    with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
+    # exclusive: the old metadata object is deleted, which a reader may be about to load
+    with open_repo(repo_loc, EXCLUSIVE_LOCK, args.lock_wait) as repo:
         repo.rename_archive(name or "", expand_placeholders(args.newname))
     return 0

@@ -6,13 +6,17 @@ Opening a remote repository would otherwise download every index segment and, fo
 against the repository on every open, never trusted blindly:
 
 - ``index``: the merged index, sealed like a repository object (aad ``cache-index``),
-  with the names of the index segments and orphan packs it was built from. On open,
-  the segment names are listed (one LIST): new segments are downloaded and merged;
-  if any cached segment is gone (``compact`` merged or removed it), the index is
-  rebuilt from scratch, since its packs may be gone too. Orphan packs (no segment
-  yet) are found by listing packs/ and read by their TOC once.
+  with the names of the index segments it was built from, the packs those segments
+  name, and the orphan packs (no segment yet) whose TOCs it holds. On open, ``index/``
+  and ``packs/`` are listed (two LISTs, no GET): new segments are downloaded and
+  merged, new orphan packs read by their TOC. If a cached segment or any pack the
+  cached index points into is gone (``compact``, ``check --repair``), the index is
+  rebuilt from scratch: the first location of a chunk wins in a merged index, so
+  after removals only a fresh merge says where a chunk still is.
 - ``archives/<id>``: sealed archive metadata blobs exactly as stored (immutable, named
-  by id), so reading them from the cache still authenticates them.
+  by a random id), so reading them from the cache still authenticates them. Only for
+  remote stores: a local directory is read as fast as the cache, and then ``list`` and
+  ``extract`` keep seeing (and authenticating) the repository's own copy.
 
 A damaged or foreign cache file is ignored and rebuilt: the repository stays the truth.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -32,7 +37,7 @@ from .pack import read_toc
 from .security import cache_dir
 
 CACHE_AAD = b"cache-index"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _write_atomic(path: str, data: bytes | bytearray) -> None:
@@ -49,69 +54,105 @@ def _write_atomic(path: str, data: bytes | bytearray) -> None:
             pass  # a read-only or full cache dir only costs speed
 
 
+@dataclass
+class _State:
+    idx: ChunkIndex = field(default_factory=ChunkIndex)
+    segments: set[str] = field(default_factory=set)  # merged into idx
+    segment_packs: set[str] = field(default_factory=set)  # packs those segments name
+    orphans: set[str] = field(default_factory=set)  # packs read by their TOC instead
+
+
 class RepoCache:
     def __init__(self, repo_id: bytes, codec: ObjectCodec, enabled: bool = True) -> None:
         self.dir = os.path.join(cache_dir(), repo_id.hex())
         self.codec = codec
         self.enabled = enabled and not os.environ.get("DISKVAULT_NO_CACHE")
+        #: after load_index: packs no index segment names (their TOCs were read)
+        self.orphans: set[str] = set()
+        self._state: _State | None = None  # what load_index built (its index is shared)
 
     # --- chunk index -------------------------------------------------------------------
 
-    def _read_index(self) -> tuple[ChunkIndex, set[str], set[str]] | None:
+    def _read_index(self) -> _State | None:
         try:
             with open(os.path.join(self.dir, "index"), "rb") as f:
                 blob = f.read()
             d = msgpack.unpackb(self.codec.open(CACHE_AAD, blob, "cached index"))
             if d["version"] != CACHE_VERSION:
                 return None
-            return (ChunkIndex.from_bytes(d["index"], "cached index"),
-                    set(d["segments"]), set(d["orphans"]))
+            return _State(ChunkIndex.from_bytes(d["index"], "cached index"),
+                          set(d["segments"]), set(d["segment_packs"]), set(d["orphans"]))
         except (OSError, IntegrityError, KeyError, ValueError, TypeError,
                 msgpack.UnpackException):
             return None
 
-    def _write_index(self, idx: ChunkIndex, segments: set[str], orphans: set[str]) -> None:
-        data = msgpack.packb({"version": CACHE_VERSION, "index": idx.to_bytes(),
-                              "segments": sorted(segments), "orphans": sorted(orphans)})
+    def _write_index(self, st: _State) -> None:
+        data = msgpack.packb({"version": CACHE_VERSION, "index": st.idx.to_bytes(),
+                              "segments": sorted(st.segments),
+                              "segment_packs": sorted(st.segment_packs),
+                              "orphans": sorted(st.orphans)})
         _write_atomic(os.path.join(self.dir, "index"), self.codec.seal(CACHE_AAD, data))
 
     def load_index(self, store: Store, load_segment: Callable[[str], ChunkIndex],
                    problems: list[str] | None = None) -> ChunkIndex:
-        """The repository's chunk index, downloading only what the cache lacks."""
+        """The repository's chunk index, downloading only what the cache lacks.
+
+        ``load_segment`` raises ObjectMissing (merged away meanwhile: skipped) or
+        IntegrityError (damaged: reported in ``problems``, its packs then count as
+        orphans, and it is tried again next time). Entries naming a pack that is not
+        listed are dropped, so neither a reader nor dedup is sent to missing data.
+        """
         segments = {name for name, _ in store.list("index")}
-        cached = self._read_index() if self.enabled else None
-        if cached is not None and cached[1] <= segments:
-            idx, done, orphans_done = cached
-        else:
-            idx, done, orphans_done = ChunkIndex(), set(), set()
-        for name in sorted(segments - done):
+        packs = {key.rsplit("/", 1)[-1]: size for key, size in store.list("packs")}
+        st = self._read_index() if self.enabled else None
+        if st is None or not st.segments <= segments or not st.idx.pack_names() <= packs.keys():
+            st = _State()
+        changed = False
+        for name in sorted(segments - st.segments):
             try:
-                idx.update(load_segment(name))
+                seg = load_segment(name)
             except ObjectMissing:
                 continue  # merged into a newer segment meanwhile: that one is listed too
-            done.add(name)
-        covered = idx.pack_names()
-        orphans: set[str] = set()
-        for key, size in list(store.list("packs")):
-            pack = key.rsplit("/", 1)[-1]
-            if pack in covered:
+            except IntegrityError as e:
+                if problems is not None:
+                    problems.append(str(e))
                 continue
-            orphans.add(pack)
-            if pack in orphans_done:
-                continue
+            st.idx.update(seg)
+            st.segment_packs |= seg.pack_names()
+            st.segments.add(name)
+            changed = True
+        # a segment naming a pack that is gone (a damaged repository): never point there
+        st.idx.remove_packs(st.idx.pack_names() - packs.keys())
+        orphans = packs.keys() - st.segment_packs
+        for pack in sorted(orphans - st.orphans):
             try:
-                for e in read_toc(store.load, pack, size, self.codec):
-                    idx.add(e.id, pack, e.offset, e.length, e.plain_size)
+                for entry in read_toc(store.load, pack, packs[pack], self.codec):
+                    st.idx.add(entry.id, pack, entry.offset, entry.length, entry.plain_size)
             except (IntegrityError, ObjectMissing) as e:
                 orphans.discard(pack)  # unreadable: only garbage; check reports it
                 if problems is not None:
-                    problems.append(f"pack {pack[:16]}: {e}")
-        if orphans_done - orphans:
-            # an orphan pack vanished (compact removed it): its entries must go too
-            idx.remove_packs(orphans_done - orphans)
+                    problems.append(str(e))
+                continue
+            changed = True
+        changed |= st.orphans != orphans
+        st.orphans = orphans
+        self.orphans = set(orphans)
+        self._state = st
+        if self.enabled and changed:
+            self._write_index(st)
+        return st.idx
+
+    def add_segment(self, name: str, segment: ChunkIndex, idx: ChunkIndex) -> None:
+        """Record a segment this process stored, whose entries ``idx`` (the index
+        load_index returned, added to since) already holds."""
+        st = self._state
+        if st is None or st.idx is not idx:
+            return  # not the index we built: the next load_index fetches the segment
+        st.segments.add(name)
+        st.segment_packs |= segment.pack_names()
+        st.orphans -= st.segment_packs
         if self.enabled:
-            self._write_index(idx, done, orphans)
-        return idx
+            self._write_index(st)
 
     def invalidate(self) -> None:
         try:
@@ -121,16 +162,42 @@ class RepoCache:
 
     # --- archive metadata --------------------------------------------------------------
 
+    def _archive_path(self, archive_id: bytes) -> str:
+        return os.path.join(self.dir, "archives", archive_id.hex())
+
     def archive_blob(self, store: Store, archive_id: bytes) -> bytes:
-        name = f"archives/{archive_id.hex()}"
-        path = os.path.join(self.dir, name)
-        if self.enabled:
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except OSError:
-                pass
-        blob = store.load(name)
-        if self.enabled:
-            _write_atomic(path, blob)
+        """The sealed metadata of an archive: from the cache, else stored and cached."""
+        if not (self.enabled and store.remote):
+            return store.load(f"archives/{archive_id.hex()}")
+        path = self._archive_path(archive_id)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            pass
+        blob = store.load(f"archives/{archive_id.hex()}")
+        _write_atomic(path, blob)
         return blob
+
+    def forget_archive(self, archive_id: bytes) -> None:
+        """Drop one cached blob (it failed to authenticate: read the repository's)."""
+        try:
+            os.unlink(self._archive_path(archive_id))
+        except OSError:
+            pass
+
+    def prune_archives(self, keep: set[bytes]) -> None:
+        """Drop cached metadata of archives the manifest no longer names."""
+        if not self.enabled:
+            return
+        try:
+            names = os.listdir(os.path.join(self.dir, "archives"))
+        except OSError:
+            return
+        wanted = {i.hex() for i in keep}
+        for n in names:
+            if n not in wanted:
+                try:
+                    os.unlink(os.path.join(self.dir, "archives", n))
+                except OSError:
+                    pass

@@ -1,17 +1,37 @@
 """Repository locks as storage objects: work on local disks, SFTP and object stores alike.
 
-A lock is a value ``locks/<id>`` holding JSON {kind, host, pid, time, id}. Acquiring:
-write our lock, list all locks, and keep it only if no conflicting lock exists
-(shared conflicts with exclusive; exclusive with everything) that was there first
-(ordered by time, then id). Otherwise delete ours and retry until ``lock_wait``.
-Stale locks: same host and the pid is gone, or the heartbeat is older than
-``STALE_AFTER`` (holders refresh their lock every ``HEARTBEAT`` seconds).
+A lock is a value ``<namespace>/<id>`` holding JSON {kind, host, pid, time, id}; shared
+locks conflict only with exclusive ones, exclusive locks with every other lock.
+
+Only two storage guarantees are used (storage/base.py): a store is atomic, and a listing
+shows every value stored before the listing began. From them follows the one rule that
+makes locking safe:
+
+    a lock is held only if a listing begun after the lock was stored showed no
+    conflicting lock.
+
+Of two conflicting locks A and B, if A's listing missed B then B was stored after that
+listing began, so B's own listing (after B was stored) sees A: at most one can hold.
+No rename, flock or conditional write is needed.
+
+Everything else is liveness. A waiting exclusive lock stays in place, so new shared
+locks (which always step back) cannot starve it (writer preference); of two waiting
+exclusive locks the younger steps back. Stale locks: made on this machine by a process
+that is gone (removed automatically), or no heartbeat for ``STALE_AFTER`` (reported;
+``break-lock``).
+
+"This machine" is more than the host name: a fleet often has hosts of one name
+(cloned VMs, containers), and a lock taken for dead because its pid is not running
+*here* would be deleted under a live holder. Records carry the machine id, the boot
+id and the pid namespace; a pid is only judged where all three match (a different
+boot id of the same machine id means a reboot: that holder is gone).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -21,11 +41,15 @@ from ..errors import LockError, ObjectMissing
 from ..storage.base import Store
 
 SHARED, EXCLUSIVE = "shared", "exclusive"
+NAMESPACES = ("locks", "locks-manifest")
 HEARTBEAT = 60.0
 STALE_AFTER = 30 * 60.0
+MAX_RETRY_DELAY = 2.0
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -33,6 +57,41 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _read_id(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def node_identity() -> dict:
+    """Where a lock's pid means something: machine, boot and pid namespace."""
+    return {"machine": _read_id("/etc/machine-id") or _read_id("/var/lib/dbus/machine-id"),
+            "boot": _read_id("/proc/sys/kernel/random/boot_id"), "pidns": _pid_namespace()}
+
+
+def read_locks(store: Store, namespace: str = "locks") -> list[dict]:
+    """Every readable lock record under ``namespace`` (with its storage ``name``)."""
+    out = []
+    for name, _ in list(store.list(namespace)):
+        try:
+            rec = json.loads(store.load(name))
+        except (ObjectMissing, ValueError):
+            continue  # released meanwhile, or not a lock record: never a blocker
+        if isinstance(rec, dict):
+            rec["name"] = name
+            out.append(rec)
+    return out
 
 
 class Lock:
@@ -43,87 +102,117 @@ class Lock:
         self.lock_wait = lock_wait
         self.namespace = namespace
         self.host = socket.gethostname()
+        self.node = node_identity()
         self.id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         self.name = f"{namespace}/{self.id}"
         self._held = False
         self._stop = threading.Event()
+        # serialises heartbeat writes with release, so no heartbeat re-creates a released lock
+        self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
         return json.dumps({"kind": self.kind, "host": self.host, "pid": os.getpid(),
-                           "time": time.time(), "id": self.id}).encode()
+                           "time": time.time(), "id": self.id, **self.node}).encode()
 
-    def _others(self) -> list[dict]:
-        out = []
-        for name, _ in self.store.list(self.namespace):
-            if name == self.name:
-                continue
-            try:
-                rec = json.loads(self.store.load(name))
-            except (ObjectMissing, ValueError):
-                continue
-            rec["name"] = name
-            out.append(rec)
-        return out
+    def same_machine(self, rec: dict) -> bool:
+        """Made on this machine (records without a machine id: by host name alone)."""
+        if rec.get("host") != self.host:
+            return False
+        return "machine" not in rec or rec["machine"] == self.node["machine"]
+
+    def _holder_gone(self, rec: dict, pid: int) -> bool:
+        if not self.same_machine(rec):
+            return False  # another machine: its pids cannot be judged from here
+        if "boot" in rec:
+            if rec["boot"] != self.node["boot"]:
+                # rebooted since — unless there is no machine id to say it is this machine
+                return bool(self.node["machine"]) and bool(rec.get("boot"))
+            if rec.get("pidns") != self.node["pidns"]:
+                return False  # another container on this kernel: other pids
+        return not _pid_alive(pid)
 
     def is_stale(self, rec: dict) -> bool:
-        if rec.get("host") == self.host and not _pid_alive(int(rec.get("pid", 0))):
+        try:
+            pid, beat = int(rec.get("pid", 0)), float(rec.get("time", 0))
+        except (TypeError, ValueError):
             return True
-        return time.time() - float(rec.get("time", 0)) > STALE_AFTER
+        if self._holder_gone(rec, pid):
+            return True
+        return time.time() - beat > STALE_AFTER
+
+    def _conflicts(self) -> list[dict]:
+        blockers = []
+        for rec in read_locks(self.store, self.namespace):
+            if rec["name"] == self.name:
+                continue
+            if self.same_machine(rec) and self.is_stale(rec):
+                try:  # a crashed process of this machine: its lock can go
+                    self.store.delete(rec["name"])
+                except ObjectMissing:
+                    pass
+                continue
+            if self.kind == SHARED and rec.get("kind") == SHARED:
+                continue
+            blockers.append(rec)
+        return blockers
 
     def acquire(self) -> Lock:
         deadline = time.monotonic() + self.lock_wait
+        delay = 0.05
         while True:
+            # (re)written every round: also the heartbeat of a lock that is waiting
             self.store.store(self.name, self._record())
-            blockers = []
-            for rec in self._others():
-                if self.is_stale(rec):
-                    try:  # a crashed process on this host: its lock can go
-                        if rec.get("host") == self.host:
-                            self.store.delete(rec["name"])
-                            continue
-                    except ObjectMissing:
-                        continue
-                if self.kind == SHARED and rec.get("kind") == SHARED:
-                    continue
-                # of two conflicting new locks the older one wins; the other retries
-                if self.kind == SHARED or str(rec.get("id", "")) < self.id \
-                        or rec.get("kind") == EXCLUSIVE:
-                    blockers.append(rec)
+            blockers = self._conflicts()
             if not blockers:
                 break
-            try:
-                self.store.delete(self.name)
-            except ObjectMissing:
-                pass
-            if time.monotonic() >= deadline:
-                b = blockers[0]
-                raise LockError(
-                    f"repository is locked ({b.get('kind')} lock by pid {b.get('pid')} on "
-                    f"{b.get('host')}); wait, use --lock-wait, or 'break-lock' if it is stale"
-                )
-            time.sleep(min(0.2 + 0.3 * (os.getpid() % 3), max(0.0, deadline - time.monotonic())))
+            step_back = self.kind == SHARED or any(
+                b.get("kind") != SHARED and str(b.get("id", "")) < self.id for b in blockers)
+            timed_out = time.monotonic() >= deadline
+            if step_back or timed_out:
+                self._delete()
+            if timed_out:
+                raise LockError(self._message(blockers[0]))
+            pause = delay * random.uniform(0.5, 1.5)  # jitter: contenders drift apart
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            delay = min(delay * 1.5, MAX_RETRY_DELAY)
         self._held = True
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                        name=f"lock-heartbeat-{self.id}")
         self._thread.start()
         return self
 
+    def _message(self, b: dict) -> str:
+        what = f"{b.get('kind')} lock by pid {b.get('pid')} on {b.get('host')}"
+        if self.is_stale(b):
+            age = (time.time() - float(b.get("time", 0) or 0)) / 60
+            return (f"repository is locked ({what}, stale: no heartbeat for {age:.0f} min); "
+                    "if that process is gone, run 'diskvault break-lock REPO'")
+        return (f"repository is locked ({what}); wait, use --lock-wait, or 'break-lock' "
+                "if it is stale")
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
-            try:
-                self.store.store(self.name, self._record())
-            except Exception:  # noqa: BLE001 - a missed heartbeat is retried next time
-                pass
+            with self._mutex:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.store.store(self.name, self._record())
+                except Exception:  # noqa: BLE001 - a missed heartbeat is retried next time
+                    pass
 
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._stop.set()
-        self._held = False
+    def _delete(self) -> None:
         try:
             self.store.delete(self.name)
         except ObjectMissing:
             pass
+
+    def release(self) -> None:
+        with self._mutex:
+            self._stop.set()
+            held, self._held = self._held, False
+        if held:
+            self._delete()
 
     def __enter__(self) -> Lock:
         return self.acquire()
@@ -132,13 +221,18 @@ class Lock:
         self.release()
 
 
-def break_locks(store: Store) -> int:
-    n = 0
-    for ns in ("locks", "locks-manifest"):
+def break_locks(store: Store) -> list[dict]:
+    """Remove every lock (the user says their holders are gone); return what was removed."""
+    removed = []
+    for ns in NAMESPACES:
         for name, _ in list(store.list(ns)):
             try:
+                rec = json.loads(store.load(name))
+            except (ObjectMissing, ValueError):
+                rec = {}
+            try:
                 store.delete(name)
-                n += 1
             except ObjectMissing:
-                pass
-    return n
+                continue
+            removed.append({**(rec if isinstance(rec, dict) else {}), "name": name})
+    return removed

@@ -8,16 +8,20 @@ Storage names::
     archives/<hex>      sealed archive metadata (msgpack dict, opaque here)
     index/<hex>         sealed index segment: the chunks of the packs one session wrote
     packs/<hh>/<hex>    pack files (see pack.py)
-    locks/<id>          lock objects (see lock.py)
+    locks/<id>          lock objects (see lock.py); locks-manifest/<id> for manifest updates
+    quarantine/...      damaged objects ``check --repair`` took out of use (never read)
 
 Write order is packs → index segment → archive metadata → manifest, each durable
 before the next is written, so a crash anywhere leaves every committed archive intact;
-packs without an index segment are found by listing and read by their TOC.
+packs without an index segment are found by listing and read by their TOC. Removal
+runs the other way (manifest → archive metadata; index segments → packs), so no index
+segment ever names a pack that is gone.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -47,12 +51,13 @@ from ..errors import (
 )
 from ..storage.base import Store
 from . import security
+from .cache import RepoCache
 from .compression import Compression
 from .index import ChunkIndex
 from .lock import EXCLUSIVE, SHARED, Lock
 from .manifest import MANIFEST_AAD, ArchiveRef, Manifest
 from .objects import ObjectCodec
-from .pack import pack_key, read_toc
+from .pack import pack_key
 
 if TYPE_CHECKING:
     from .writer import ChunkWriter
@@ -61,6 +66,10 @@ FORMAT_VERSION = 1
 ENCRYPTION_MODES = ("none", "repokey", "keyfile")
 DEFAULT_PACK_SIZE = 32 << 20
 PassphraseFn = Callable[[bool], str]  # argument: True when creating (confirm)
+
+
+def _is_key(v: object) -> bool:
+    return isinstance(v, bytes) and len(v) == 32
 
 
 def keys_dir() -> str:
@@ -80,11 +89,18 @@ class Repository:
         self.encryption: str = config["encryption"]
         self.append_only: bool = bool(config.get("append_only", False))
         self.pack_size: int = int(config.get("pack_size", DEFAULT_PACK_SIZE))
+        # what load_manifest/load_index met (open(tolerate_damage=True) and check report it)
+        self.manifest_problem: tuple[str, str] | None = None  # (kind, message)
+        self.index_problems: list[str] = []
+        self.toc_packs: set[str] = set()
         cipher: Cipher = PlainCipher() if self.encryption == "none" else AesGcmCipher(km.enc_key)
         self.id_hash = IdHasher(km.id_key)
         self.codec = ObjectCodec(cipher, self.id_hash, Compression.parse("lz4"))
         self.key = km
         self._index: ChunkIndex | None = None
+        self._index_lock = threading.Lock()  # worker threads ask for the index at once
+        # index and archive metadata, kept locally and validated on use (cache.py)
+        self.cache = RepoCache(self.id, self.codec)
         self._lock: Lock | None = None
         self.manifest = Manifest()
 
@@ -132,23 +148,33 @@ class Repository:
             raise IntegrityError("repository config is damaged") from None
         if version != FORMAT_VERSION:
             raise UnsupportedVersion("repository", version, FORMAT_VERSION)
-        if config.get("encryption") not in ENCRYPTION_MODES \
-                or len(config.get("repo_id", b"")) != 32:
+        key_ok = config.get("encryption") != "none" or _is_key(config.get("id_key"))
+        if config.get("encryption") not in ENCRYPTION_MODES or not _is_key(config.get("repo_id")) \
+                or not key_ok or not isinstance(config.get("pack_size", 1), int):
             raise IntegrityError("repository config is damaged")
         return config, raw
 
     @classmethod
     def open(cls, store: Store, passphrase_fn: PassphraseFn, lock: str | None = SHARED,
-             lock_wait: float = 1.0) -> Repository:
+             lock_wait: float = 1.0, tolerate_damage: bool = False) -> Repository:
+        """Open with a lock. ``tolerate_damage``: a missing, damaged or rolled-back
+        manifest does not fail (``check`` reports it, ``check --repair`` rebuilds it);
+        ``manifest_problem`` says what is wrong and ``manifest`` is then empty."""
         if not store.exists():
             raise RepositoryNotFound(store.location)
         config, raw = cls.read_config(store)
         km = cls._load_key(store, config, passphrase_fn)
         repo = cls(store, config, raw, km)
+        # check and repair judge the repository itself, never a local copy of it
+        repo.cache.enabled = repo.cache.enabled and not tolerate_damage
         if lock:
             repo._lock = Lock(store, lock, lock_wait).acquire()
         try:
-            repo.manifest = repo.load_manifest()
+            m, repo.manifest_problem = repo.read_manifest()
+            if repo.manifest_problem and not tolerate_damage:
+                raise IntegrityError(repo.manifest_problem[1])
+            repo.manifest = m if m is not None and not repo.manifest_problem else Manifest()
+            repo.cache.prune_archives({r.id for r in repo.manifest.archives.values()})
         except BaseException:
             repo.close()
             raise
@@ -190,35 +216,102 @@ class Repository:
     # --- manifest ---------------------------------------------------------------
 
     def load_manifest(self) -> Manifest:
+        m, problem = self.read_manifest()
+        if problem:
+            raise IntegrityError(problem[1])
+        assert m is not None
+        return m
+
+    def read_manifest(self) -> tuple[Manifest | None, tuple[str, str] | None]:
+        """The manifest and what is wrong with it: ``(kind, message)`` or None.
+
+        kind: ``missing``, ``damaged``, ``config`` (the config is not the one the
+        manifest authenticates) or ``rollback`` (older than a manifest seen before).
+        """
         try:
             blob = self.store.load("manifest")
         except ObjectMissing:
-            raise IntegrityError("manifest is missing (run 'check --repair')") from None
-        m = Manifest.from_bytes(self.codec.open(MANIFEST_AAD, blob, "manifest"))
-        if self.encryption != "none" and m.config_hash != self.config_hash:
-            raise IntegrityError("repository config does not match the manifest (tampered?)")
-        security.check_serial(self.id, m.serial, self.encryption != "none")
+            return None, ("missing", "manifest is missing (run 'check --repair')")
+        try:
+            m = Manifest.from_bytes(self.codec.open(MANIFEST_AAD, blob, "manifest"))
+        except IntegrityError as e:
+            return None, ("damaged", f"{e} (run 'check --repair')")
+        if self.encryption != "none" and self.config_hash not in (
+                m.config_hash, m.pending_config_hash):
+            return m, ("config", "repository config does not match the manifest (tampered?)")
+        try:
+            security.check_serial(self.id, m.serial, self.encryption != "none")
+        except IntegrityError as e:
+            return m, ("rollback", str(e))
         security.remember_serial(self.id, m.serial)
-        return m
+        return m, None
 
-    def _write_manifest(self, m: Manifest) -> None:
+    def _write_manifest(self, m: Manifest, keep_pending: bool = False) -> None:
         m.config_hash = self.config_hash
+        if not keep_pending:
+            m.pending_config_hash = b""
         m.bump()
         self.store.store("manifest", self.codec.seal(MANIFEST_AAD, m.to_bytes()))
         security.remember_serial(self.id, m.serial)
 
-    def update_manifest(self, change: Callable[[Manifest], None]) -> Manifest:
+    def _manifest_lock(self) -> Lock:
+        return Lock(self.store, EXCLUSIVE, lock_wait=120.0, namespace="locks-manifest")
+
+    def update_manifest(self, change: Callable[[Manifest], None], keep_pending: bool = False,
+                        allow_replace: bool = False) -> Manifest:
         """Read-modify-write the manifest under its own short exclusive lock.
 
         The lock serialises concurrent writers (also on object stores without an
-        atomic rename); ``change`` is applied to the freshest manifest.
+        atomic rename); ``change`` is applied to the freshest manifest. In an
+        append-only repository a change may only add archives (``allow_replace``:
+        ``check --repair`` re-pointing an archive at its repaired metadata).
         """
-        with Lock(self.store, EXCLUSIVE, lock_wait=120.0, namespace="locks-manifest"):
+        with self._manifest_lock():
             m = self.load_manifest()
+            before = dict(m.archives)
             change(m)
-            self._write_manifest(m)
+            if self.append_only and not allow_replace and any(
+                    m.archives.get(n) != ref for n, ref in before.items()):
+                raise AppendOnlyError("removing or replacing archives")
+            self._write_manifest(m, keep_pending)
         self.manifest = m
         return m
+
+    def replace_manifest(self, m: Manifest) -> None:
+        """Write ``m`` without reading the old manifest (which may be damaged): repair only.
+
+        Its serial is raised above every serial this client saw and above the clock in
+        milliseconds, so other clients, which may have seen a higher serial than this
+        one, do not take the rebuilt manifest for a rollback.
+        """
+        with self._manifest_lock():
+            m.serial = max(m.serial, security.last_serial(self.id), int(time.time() * 1000))
+            self._write_manifest(m)
+        self.manifest = m
+        self.manifest_problem = None
+
+    # --- config -------------------------------------------------------------------
+
+    def set_config(self, key: str, value: object) -> None:
+        """Change one config value, crash-safely (under the caller's exclusive lock).
+
+        The manifest authenticates the config by its hash. First the manifest accepts
+        the old and the new config (pending hash), then the config is replaced, then the
+        manifest names only the new one: a crash between any two steps leaves a config
+        that the manifest accepts.
+        """
+        config = {**self.config, key: value}
+        raw = msgpack.packb(config)
+        new_hash = blake3.blake3(raw).digest()
+
+        def pend(m: Manifest) -> None:
+            m.pending_config_hash = new_hash
+
+        self.update_manifest(pend, keep_pending=True)
+        self.store.store("config", raw)
+        self.config, self.config_hash = config, new_hash
+        self.append_only = bool(config.get("append_only", False))
+        self.update_manifest(lambda m: None)
 
     # --- archives ---------------------------------------------------------------
 
@@ -230,22 +323,33 @@ class Repository:
 
     def load_archive(self, ref: ArchiveRef) -> dict:
         try:
-            blob = self.store.load(f"archives/{ref.id.hex()}")
+            blob = self.cache.archive_blob(self.store, ref.id)
+            try:
+                data = self.codec.open(ref.id, blob, f"archive {ref.name!r}")
+            except IntegrityError:
+                if not self.cache.enabled:
+                    raise
+                self.cache.forget_archive(ref.id)  # a damaged local copy: ask the repository
+                blob = self.store.load(f"archives/{ref.id.hex()}")
+                data = self.codec.open(ref.id, blob, f"archive {ref.name!r}")
         except ObjectMissing:
             raise IntegrityError(f"metadata of archive {ref.name!r} is missing") from None
-        data = self.codec.open(ref.id, blob, f"archive {ref.name!r}")
         try:
-            return msgpack.unpackb(data, strict_map_key=False)
+            meta = msgpack.unpackb(data, strict_map_key=False)
         except Exception:  # noqa: BLE001
-            raise IntegrityError(f"archive {ref.name!r}: metadata is malformed") from None
+            meta = None
+        # the item-stream chunk list is used as ids everywhere: exact types only
+        items = meta.get("items", []) if isinstance(meta, dict) else None
+        if not isinstance(items, list) or not all(
+                isinstance(c, bytes) and len(c) == 32 for c in items):
+            raise IntegrityError(f"archive {ref.name!r}: metadata is malformed")
+        return meta
 
     def commit_archive(self, name: str, meta: dict, writer: ChunkWriter | None) -> ArchiveRef:
         """Make an archive durable and visible: packs → index → metadata → manifest."""
         if writer is not None:
             writer.commit()
-        archive_id = os.urandom(32)
-        self.store.store(f"archives/{archive_id.hex()}",
-                         self.codec.seal(archive_id, msgpack.packb(meta)))
+        archive_id = self.store_archive_meta(meta)
         ref = ArchiveRef(name, archive_id, float(meta.get("time", time.time())))
 
         def add(m: Manifest) -> None:
@@ -255,6 +359,21 @@ class Repository:
 
         self.update_manifest(add)
         return ref
+
+    def store_archive_meta(self, meta: dict) -> bytes:
+        """Store archive metadata under a new random id (its AAD); return the id."""
+        archive_id = os.urandom(32)
+        self.store.store(f"archives/{archive_id.hex()}",
+                         self.codec.seal(archive_id, msgpack.packb(meta)))
+        return archive_id
+
+    def delete_archive_meta(self, archive_id: bytes) -> None:
+        if self.append_only:
+            return  # kept: 'check --repair --undelete-archives' can bring them back
+        try:
+            self.store.delete(f"archives/{archive_id.hex()}")
+        except ObjectMissing:
+            pass
 
     def delete_archives(self, names: list[str]) -> None:
         if self.append_only:
@@ -270,54 +389,67 @@ class Repository:
         old = [self.archive_ref(n) for n in names]
         self.update_manifest(drop)
         for ref in old:  # metadata goes only after the manifest no longer names it
-            try:
-                self.store.delete(f"archives/{ref.id.hex()}")
-            except ObjectMissing:
-                pass
+            self.delete_archive_meta(ref.id)
 
     def rename_archive(self, old: str, new: str) -> None:
+        """Rename, rewriting the metadata too: a manifest rebuilt from the archive
+        metadata objects (``check --repair``) then finds the new name."""
         if self.append_only:
             raise AppendOnlyError("rename")
+        ref = self.archive_ref(old)
+        if new in self.manifest.archives:
+            raise ArchiveExists(new)
+        meta = self.load_archive(ref)
+        meta["name"] = new
+        new_id = self.store_archive_meta(meta)
 
         def ren(m: Manifest) -> None:
-            if old not in m.archives:
-                raise ArchiveNotFound(old)
+            cur = m.archives.get(old)
+            if cur is None or cur.id != ref.id:
+                raise ArchiveNotFound(old)  # deleted or changed meanwhile
             if new in m.archives:
                 raise ArchiveExists(new)
-            ref = m.archives.pop(old)
-            m.archives[new] = ArchiveRef(new, ref.id, ref.time)
+            del m.archives[old]
+            m.archives[new] = ArchiveRef(new, new_id, ref.time)
 
-        self.update_manifest(ren)
+        try:
+            self.update_manifest(ren)
+        except BaseException:
+            self.delete_archive_meta(new_id)
+            raise
+        self.delete_archive_meta(ref.id)
 
     # --- chunks -----------------------------------------------------------------
 
     @property
     def index(self) -> ChunkIndex:
-        if self._index is None:
-            self._index = self.load_index()
-        return self._index
+        with self._index_lock:
+            if self._index is None:
+                self._index = self.load_index()
+            return self._index
 
     def load_index(self) -> ChunkIndex:
-        """Merge every index segment, then add the TOCs of packs no segment covers."""
-        idx = ChunkIndex()
-        for name, _ in list(self.store.list("index")):
-            try:
-                blob = self.store.load(name)
-            except ObjectMissing:
-                continue  # merged into a newer segment meanwhile
-            aad = name.encode()
-            idx.update(ChunkIndex.from_bytes(self.codec.open(aad, blob, name), name))
-        known = idx.pack_names()
-        for key, size in list(self.store.list("packs")):
-            pack = key.rsplit("/", 1)[-1]
-            if pack in known:
-                continue
-            try:
-                for e in read_toc(self.store.load, pack, size, self.codec):
-                    idx.add(e.id, pack, e.offset, e.length, e.plain_size)
-            except (IntegrityError, ObjectMissing):
-                continue  # an unreadable orphan pack is only garbage; check reports it
+        """Merge every index segment, then add the TOCs of packs no segment covers.
+
+        Through the local cache (cache.py): only segments and orphan packs it has not
+        merged yet are downloaded. A damaged segment is skipped: its packs are then
+        read by their TOC like the orphans of an interrupted session. Entries naming a
+        pack that is not listed are dropped, so neither a reader nor dedup is ever sent
+        to data that is not there. ``index_problems`` keeps what was skipped (``check``
+        reports it in detail).
+        """
+        self.index_problems = []
+        idx = self.cache.load_index(self.store, self._load_segment, self.index_problems)
+        self.toc_packs = set(self.cache.orphans)  # packs no segment names, read by their TOC
         return idx
+
+    def _load_segment(self, name: str) -> ChunkIndex:
+        blob = self.store.load(name)
+        return ChunkIndex.from_bytes(self.codec.open(name.encode(), blob, name), name)
+
+    def reload_index(self) -> ChunkIndex:
+        self._index = None
+        return self.index
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
         loc = self.index.get(chunk_id)

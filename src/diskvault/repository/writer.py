@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .index import ChunkIndex
-from .pack import PackEntry, PackWriter, pack_key
+from .pack import PackEntry, PackWriter, pack_key, pack_name
 
 if TYPE_CHECKING:
     from .repo import Repository
@@ -22,10 +22,12 @@ class ChunkWriter:
     def __init__(self, repo: Repository, upload_threads: int = 2) -> None:
         self.repo = repo
         self.upload_threads = max(1, upload_threads)
+        # a pool smaller than the threads would only make them queue for connections
+        repo.store.reserve_connections(self.upload_threads)
         self.pool = ThreadPoolExecutor(self.upload_threads, thread_name_prefix="upload")
         self.pack = PackWriter(repo.pack_size)
         self.pending: set[bytes] = set()  # in the open pack or being uploaded
-        self.uploads: deque[tuple[Future, str, list[PackEntry], int]] = deque()
+        self.uploads: deque[tuple[Future, list[PackEntry], int]] = deque()
         self.session_index = ChunkIndex()
         self.packs_written = 0
         self.bytes_written = 0
@@ -46,17 +48,23 @@ class ChunkWriter:
     def _ship(self) -> None:
         if not len(self.pack):
             return
-        name, data, entries = self.pack.finish(self.repo.codec)
+        data, entries = self.pack.finish_unnamed(self.repo.codec)
         self.pack = PackWriter(self.repo.pack_size)
-        fut = self.pool.submit(self.repo.store.store, pack_key(name), data)
-        self.uploads.append((fut, name, entries, len(data)))
+        # naming = hashing 32 MiB: done on the upload thread, off the reading thread
+        fut = self.pool.submit(self._upload, data)
+        self.uploads.append((fut, entries, len(data)))
         # bound memory: one pack being filled plus one per upload thread
         while len(self.uploads) > self.upload_threads:
             self._reap_one()
 
+    def _upload(self, data: bytes) -> str:
+        name = pack_name(data)
+        self.repo.store.store(pack_key(name), data)
+        return name
+
     def _reap_one(self) -> None:
-        fut, name, entries, size = self.uploads.popleft()
-        fut.result()  # raises the storage error of a failed upload
+        fut, entries, size = self.uploads.popleft()
+        name = fut.result()  # raises the storage error of a failed upload
         for e in entries:
             self.repo.index.add(e.id, name, e.offset, e.length, e.plain_size)
             self.session_index.add(e.id, name, e.offset, e.length, e.plain_size)
@@ -74,7 +82,10 @@ class ChunkWriter:
         """Flush, then write this session's index segment (durable before any metadata)."""
         self.flush()
         if len(self.session_index):
-            self.repo.write_index_segment(self.session_index)
+            name = self.repo.write_index_segment(self.session_index)
+            # this host's cache takes the segment it wrote: the next command on this
+            # host then downloads only what other hosts added
+            self.repo.cache.add_segment(name, self.session_index, self.repo.index)
             self.session_index = ChunkIndex()
 
     def close(self) -> None:

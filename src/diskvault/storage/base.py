@@ -27,6 +27,8 @@ class Store(ABC):
     location: str = ""
     #: uploads worth running at once (network stores gain from more; a local disk doesn't)
     upload_concurrency: int = 4
+    #: every request crosses a network: worth a local cache of immutable objects
+    remote: bool = True
 
     @abstractmethod
     def create(self) -> None:
@@ -55,6 +57,13 @@ class Store(ABC):
     def size(self, name: str) -> int:
         """Size of one value; backends may override with a cheaper call."""
         return len(self.load(name))
+
+    def reserve_connections(self, n: int) -> None:  # noqa: B027 - optional hook
+        """Make room for ``n`` operations at once (``create --upload-connections``).
+
+        Network backends size their connection pool for ``upload_concurrency``; asked
+        for more uploads than that, they grow it, or the extra threads would only wait.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and file handles."""

@@ -116,6 +116,17 @@ class FaultStore(Store):
                 self._stored_bytes += size
         return None
 
+    @property
+    def upload_concurrency(self) -> int:  # type: ignore[override]
+        return self.inner.upload_concurrency
+
+    @property
+    def remote(self) -> bool:  # type: ignore[override]
+        return self.inner.remote
+
+    def reserve_connections(self, n: int) -> None:
+        self.inner.reserve_connections(n)
+
     def create(self) -> None:
         self._fire("create", "")
         self.inner.create()

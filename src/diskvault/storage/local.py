@@ -12,6 +12,7 @@ from .base import Store
 
 class LocalStore(Store):
     upload_concurrency = 1  # fsync'd writes to one disk: more threads only add memory
+    remote = False
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.location = self.path

@@ -10,6 +10,7 @@ from .base import Store
 
 
 class MemoryStore(Store):
+    remote = False
     def __init__(self, location: str = "memory:") -> None:
         self.location = location
         self.data: dict[str, bytes] = {}

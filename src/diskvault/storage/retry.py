@@ -6,6 +6,10 @@ with ``storage_error(msg, transient)``; an unmarked StorageError counts as trans
 Never retried: ObjectMissing (an answer, not a failure), StorageFull (waiting does not
 free space), RepositoryExists, and ``create`` as a whole (a retried create whose first
 attempt got through would report the repository it just made as "already exists").
+
+The budget is time, not attempts (the default of 30 attempts is never reached within
+two minutes): a server restart, a failover or a flapping link of up to about a minute
+is ridden out; ``DISKVAULT_RETRY_SECONDS`` sets the budget (0: no retries).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class RetryStore(Store):
         self,
         inner: Store,
         *,
-        attempts: int = 8,
+        attempts: int = 30,
         max_elapsed: float = 120.0,
         base_delay: float = 0.2,
         max_delay: float = 15.0,
@@ -57,6 +61,7 @@ class RetryStore(Store):
         self._random = random.Random(seed)
         self._sleep = sleep
         self._clock = clock
+        self._outage = False
 
     def _delay(self, failures: int) -> float:
         # "full jitter": writers that failed together do not come back together
@@ -68,10 +73,17 @@ class RetryStore(Store):
         failures = 0
         while True:
             try:
-                return fn()
+                result = fn()
+                self._outage = False
+                return result
             except StorageError as e:
                 if not is_transient(e):
                     raise
+                if not self._outage and self.max_elapsed > 0:
+                    # once per outage, not per thread and attempt: the user learns why
+                    # the backup stalls, and a long outage does not flood the terminal
+                    self._outage = True
+                    log.warning("storage: %s; retrying for up to %.0f s", e, self.max_elapsed)
                 failures += 1
                 delay = self._delay(failures)
                 elapsed = self._clock() - start
@@ -84,6 +96,18 @@ class RetryStore(Store):
                 log.debug("%s %s: attempt %d failed (%s); retrying in %.2f s",
                           op, name, failures, e, delay)
                 self._sleep(delay)
+
+    @property
+    def upload_concurrency(self) -> int:  # type: ignore[override]
+        # the wrapped backend knows what its connection pool is sized for
+        return self.inner.upload_concurrency
+
+    @property
+    def remote(self) -> bool:  # type: ignore[override]
+        return self.inner.remote
+
+    def reserve_connections(self, n: int) -> None:
+        self.inner.reserve_connections(n)
 
     def create(self) -> None:
         self.inner.create()

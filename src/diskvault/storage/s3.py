@@ -55,6 +55,11 @@ def check_name(name: str) -> None:
 
 
 class S3Store(Store):
+    # uploads of whole packs at once: 4 keep a LAN or loopback server busy (one stream
+    # carries ~120 MB/s there) and cost 4 packs of memory; far-away endpoints gain from
+    # more (``--upload-connections``), as the pool grows to match
+    upload_concurrency = 4
+
     def __init__(
         self,
         bucket: str,
@@ -113,6 +118,16 @@ class S3Store(Store):
         )
         client.meta.events.register("before-send.s3", _drop_expect_header)
         return client
+
+    def reserve_connections(self, n: int) -> None:
+        want = n + 4  # room for the readers and the lock heartbeat beside the uploads
+        with self._client_lock:
+            if want <= self._max_connections:
+                return
+            self._max_connections = want
+            # the pool size is fixed per client: the next call makes a bigger one; the
+            # old client is left to requests still running on it (never closed under them)
+            self._client = None
 
     def _key(self, name: str) -> str:
         check_name(name)

@@ -44,6 +44,8 @@ _LOST = (paramiko.SSHException, EOFError, socket.timeout, ConnectionError)
 
 
 _NAME_RE = re.compile(r"[^/]+(/[^/]+)*")
+# OpenSSH's default MaxSessions: channels beyond it on one connection are refused
+MAX_CHANNELS = 10
 
 
 def check_name(name: str) -> None:
@@ -89,10 +91,23 @@ class SftpStore(Store):
         self._accept_new = accept_new_hostkey
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(connections)
+        self.connections = max(1, min(connections, MAX_CHANNELS))
+        self._slots = threading.BoundedSemaphore(self.connections)
         self._ssh: paramiko.SSHClient | None = None
         self._idle: list[paramiko.SFTPClient] = []
         self._fsync_ok = True  # until the server says it lacks fsync@openssh.com
+
+    @property
+    def upload_concurrency(self) -> int:  # type: ignore[override]
+        return self.connections
+
+    def reserve_connections(self, n: int) -> None:
+        want = min(n + 1, MAX_CHANNELS)  # one channel more for reads (and the lock)
+        with self._lock:
+            if want > self.connections:
+                self.connections = want
+                # operations in flight release the old semaphore they acquired
+                self._slots = threading.BoundedSemaphore(want)
 
     # --- connection and channel pool ---------------------------------------------------
 

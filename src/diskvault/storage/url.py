@@ -17,11 +17,13 @@ SFTP logins use ``~/.ssh/config``, the SSH agent and ``~/.ssh/known_hosts`` like
 OpenSSH; ``DISKVAULT_SFTP_ACCEPT_NEW_HOSTKEY=1`` trusts (and records) a host key never
 seen before — meant for tests and first contact, never for a changed key.
 
-Remote stores come wrapped in a RetryStore (pass ``retry=False`` for the bare backend).
+Remote stores come wrapped in a RetryStore (pass ``retry=False`` for the bare backend)
+that keeps retrying a failed operation for ``$DISKVAULT_RETRY_SECONDS`` (default 120).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import unquote
 
@@ -77,8 +79,25 @@ def open_store(location: str, *, retry: bool = True) -> Store:
     if retry:
         from .retry import RetryStore
 
-        return RetryStore(store)
+        return RetryStore(store, max_elapsed=_retry_seconds())
     return store
+
+
+RETRY_ENV = "DISKVAULT_RETRY_SECONDS"
+
+
+def _retry_seconds() -> float:
+    """How long one remote operation keeps retrying (``$DISKVAULT_RETRY_SECONDS``)."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return 120.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86400:
+        raise UsageError(f"{RETRY_ENV} must be a number of seconds (0 to 86400): {text!r}")
+    return seconds
 
 
 def _port(text: str | None, location: str) -> int | None:
