@@ -71,9 +71,11 @@ def _tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 256 << 20)
         libc.mallopt(m_trim_threshold, 512 << 20)
+        # few, large allocations: per-thread arenas only keep more freed memory mapped
+        libc.mallopt(m_arena_max, 2)
     except (OSError, AttributeError):
         pass  # not glibc: correct, just slower
 
