@@ -140,11 +140,14 @@ class Item:
 
 
 def pack_items(items: list[Item]) -> bytes:
-    return b"".join(msgpack.packb(i.to_dict()) for i in items)
+    # file names are bytes on Linux: undecodable ones travel as surrogate escapes
+    return b"".join(msgpack.packb(i.to_dict(), unicode_errors="surrogateescape")
+                    for i in items)
 
 
 def unpack_items(data: bytes) -> Iterator[Item]:
-    u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 30)
+    u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 30,
+                         unicode_errors="surrogateescape")
     u.feed(data)
     try:
         for d in u:

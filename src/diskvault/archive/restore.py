@@ -25,11 +25,51 @@ def extract_stdout(repo: Repository, items: list[Item], fd: int, workers: int = 
     return done
 
 
+def _inside(root: str, full: str) -> bool:
+    return full == root or full.startswith(root.rstrip("/") + "/")
+
+
 def _safe_join(root: str, path: str) -> str:
+    """The target path of an item, refusing any that would land outside ``root``.
+
+    Checks the text and, since a directory on the way may be a symlink (in the target
+    already, or from the archive), where the parent directory really is.
+    """
     full = os.path.normpath(os.path.join(root, path))
-    if full != root and not full.startswith(root.rstrip("/") + "/"):
+    if not _inside(root, full) or not _inside(os.path.realpath(root),
+                                              os.path.realpath(os.path.dirname(full))):
         raise TargetError(f"refusing to extract {path!r} outside the target directory")
     return full
+
+
+def _ensure_dir(root: str, rel: str) -> str:
+    """Create ``root/rel`` directory by directory, never through a symlink."""
+    path = root
+    for part in os.path.normpath(rel).split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise TargetError(f"refusing to extract {rel!r} outside the target directory")
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            try:
+                os.mkdir(path)
+            except OSError as e:
+                raise TargetError(f"{path}: cannot create directory: {e.strerror}") from None
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            # a link of the target's own (say /home → /data/home when restoring to /) is
+            # followed only while it stays inside the target; archive links come last
+            real = os.path.realpath(path)
+            if os.path.isdir(real) and _inside(os.path.realpath(root), real):
+                continue
+            raise TargetError(f"{path}: is a symlink leading out of the target; "
+                              "refusing to extract through it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise TargetError(f"{path}: not a directory, but the archive has one there")
+    return path
 
 
 def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = False,
@@ -40,27 +80,31 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
     done = 0
     content_items: list[tuple[Item, str]] = []
     links: list[tuple[str, Item]] = []
+    symlinks: list[tuple[str, Item]] = []
     for item in items:
-        path = _safe_join(root, item.path)
         if item.type == DIR:
-            os.makedirs(path, exist_ok=True)
+            path = _safe_join(root, item.path)
+            _ensure_dir(root, item.path)
             dirs.append((path, item))
             continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = _safe_join(root, item.path)
+        _ensure_dir(root, os.path.dirname(os.path.normpath(item.path)))
         if item.type == FILE:
             content_items.append((item, path))
         elif item.type == SYMLINK:
-            _replace(path)
-            os.symlink(item.target or "", path)
-            _apply_meta(path, item, numeric_ids, follow=False)
+            # last of all: no later item may be written through a link from the archive
+            symlinks.append((path, item))
         elif item.type == HARDLINK:
             links.append((path, item))  # after the content of their master file
         elif item.type in (BLOCKDEV, CHARDEV, FIFO):
             _replace(path)
-            if item.type == FIFO:
-                os.mkfifo(path, stat.S_IMODE(item.mode))
-            else:
-                os.mknod(path, item.mode, item.rdev or 0)
+            try:
+                if item.type == FIFO:
+                    os.mkfifo(path, stat.S_IMODE(item.mode))
+                else:
+                    os.mknod(path, item.mode, item.rdev or 0)
+            except OSError as e:
+                raise TargetError(f"{path}: cannot create {item.type}: {e.strerror}") from None
             _apply_meta(path, item, numeric_ids)
     # content: files in order, pieces streamed across files so fetching never stalls
     open_file: tuple[Item, int, FileSink, str] | None = None
@@ -110,9 +154,17 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
     for path, item in links:
         _replace(path)
         try:
-            os.link(_safe_join(root, item.target or ""), path)
+            os.link(_safe_join(root, item.target or ""), path, follow_symlinks=False)
         except OSError as e:
             raise TargetError(f"{path}: cannot create hard link: {e.strerror}") from None
+    for path, item in symlinks:
+        _safe_join(root, item.path)  # its directory may have become a link meanwhile
+        _replace(path)
+        try:
+            os.symlink(item.target or "", path)
+        except OSError as e:
+            raise TargetError(f"{path}: cannot create symlink: {e.strerror}") from None
+        _apply_meta(path, item, numeric_ids, follow=False)
     for path, item in reversed(dirs):  # after their content, or mtimes would change again
         _apply_meta(path, item, numeric_ids)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from ..errors import IntegrityError, UnsupportedVersion
@@ -11,7 +11,7 @@ from ..repository.manifest import ArchiveRef
 from ..repository.repo import Repository
 from .create import ARCHIVE_VERSION
 from .items import read_item_stream
-from .model import Item
+from .model import HARDLINK, Item
 
 
 @dataclass
@@ -51,4 +51,23 @@ def select_items(items: list[Item], patterns: list[str]) -> list[Item]:
         return items
     pats = [p.strip("/") for p in patterns]
     out = [i for i in items if any(i.path == p or i.path.startswith(p + "/") for p in pats)]
+    return _promote_hardlinks(items, out)
+
+
+def _promote_hardlinks(items: list[Item], selected: list[Item]) -> list[Item]:
+    """A selected hard link whose master file is not selected takes the master's content
+    (the first such link becomes the file; later links point at it)."""
+    chosen = {i.path for i in selected}
+    by_path = {i.path: i for i in items}
+    moved: dict[str, str] = {}  # master path → path of the link that now holds the content
+    out = []
+    for i in selected:
+        if i.type == HARDLINK and i.target not in chosen:
+            if i.target in moved:
+                i = replace(i, target=moved[i.target])
+            elif i.target in by_path:
+                master = by_path[i.target]
+                moved[i.target] = i.path
+                i = replace(master, path=i.path)
+        out.append(i)
     return out

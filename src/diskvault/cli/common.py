@@ -53,7 +53,7 @@ def expand_placeholders(name: str) -> str:
     out = _PLACEHOLDER.sub(lambda m: values[m.group(1)](m.group(2)), name)
     if "{" in out or "}" in out:
         raise UsageError(f"unknown placeholder in archive name {name!r}")
-    if not out or "/" in out or out.startswith("-"):
+    if not out or "/" in out or out.startswith("-") or any(ord(c) < 32 for c in out):
         raise UsageError(f"invalid archive name {out!r}")
     return out
 

@@ -8,7 +8,7 @@ import sys
 
 from ..archive.create import CreateOptions, CreateStats, create_archive
 from ..chunking.base import ChunkerParams
-from ..errors import UsageError
+from ..errors import ArchiveExists, UsageError
 from ..repository.compression import Compression
 from ..source.paths import CommandSource, SourceOptions, stdin_source, walk
 from .common import (
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                           one_file_system=args.one_file_system,
                           skip_unused=args.skip_unused)
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
+        if name in repo.manifest.archives:  # before a command starts or a byte is read
+            raise ArchiveExists(name)
         if args.content_from_command:
             sources = iter([CommandSource(args.paths, args.stdin_name, args.stdin_mode).source])
         else:

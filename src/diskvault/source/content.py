@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -109,7 +110,8 @@ class SeekableContent:
             try:
                 d = os.lseek(self.fd, self.start + pos, os.SEEK_DATA) - self.start
             except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after pos
+                if e.errno == errno.ENXIO:  # no data after pos: a hole, or did it shrink?
+                    self._check_size(b)
                     break
                 self.holes = False  # device or filesystem without hole support
                 return [(a, b - a)]
@@ -119,6 +121,16 @@ class SeekableContent:
             out.append((d, min(h, b) - d))
             pos = h
         return out
+
+    def _check_size(self, end: int) -> None:
+        """A file that shrank while read would otherwise be stored with invented zeros."""
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_size < self.start + end:
+            raise SourceError(f"{self.what}: file shrank while being read "
+                              f"({st.st_size} bytes now, {self.start + self.size} expected)")
 
     def present(self, a: int, b: int) -> tuple[list[tuple[int, int]], bool]:
         """Ranges of ``[a, b)`` that must be read, and whether the rest is unused space."""

@@ -67,8 +67,11 @@ class Source:
 
 
 def archive_path(path: str) -> str:
-    p = os.path.normpath(path)
-    return p.lstrip("/") or "."
+    """``/dev/loop3`` → ``dev/loop3``; ``../x`` → ``x`` (like Borg: never above the root)."""
+    p = os.path.normpath(path).lstrip("/")
+    while p == ".." or p.startswith("../"):
+        p = p[3:]
+    return p or "."
 
 
 def _names(uid: int, gid: int) -> tuple[str | None, str | None]:
