@@ -90,7 +90,7 @@ class _Conn:
         method, target = lines[0].split(" ")[:2]
         headers = {k.strip().lower(): v.strip() for k, _, v in
                    (ln.partition(":") for ln in lines[1:] if ln)}
-        self.proxy._record(method, target)
+        self.proxy._record(method, target, headers.get("range"))
         if "chunked" in headers.get("transfer-encoding", "").lower():
             while True:
                 size_line = self._line_block(b"\r\n")
@@ -115,6 +115,7 @@ class CountingProxy:
         self.upstream = (upstream_host, upstream_port)
         self.requests: list[tuple[str, str]] = []
         self.raw: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, str | None]] = []  # GETs: (key, Range header or None)
         self._lock = threading.Lock()
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -145,17 +146,20 @@ class CountingProxy:
                 self._conns.append(conn)
             threading.Thread(target=conn.run, daemon=True).start()
 
-    def _record(self, method: str, target: str) -> None:
+    def _record(self, method: str, target: str, range_: str | None = None) -> None:
         path = unquote(urlsplit(target).path)
-        bucket_and_key = path.lstrip("/").partition("/")
+        key = path.lstrip("/").partition("/")[2]
         with self._lock:
             self.raw.append((method, target))
-            self.requests.append((method, bucket_and_key[2]))
+            self.requests.append((method, key))
+            if method == "GET":
+                self.ranges.append((key, range_))
 
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
             self.raw.clear()
+            self.ranges.clear()
 
     def matching(self, method: str, pattern: str) -> list[str]:
         """Keys of ``method`` requests whose key matches the regular expression."""
