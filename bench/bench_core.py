@@ -68,9 +68,11 @@ def du(path: str) -> int:
     return total
 
 
-def drop_caches() -> None:
-    # the images are read from page cache by every tool alike; repositories too
-    subprocess.run(["sync"], check=False)
+def warm(path: str) -> None:
+    """Read an image into the page cache, so every tool starts from the same state."""
+    with open(path, "rb") as f:
+        while f.read(16 * MiB):
+            pass
 
 
 # --- images -------------------------------------------------------------------------
@@ -155,8 +157,10 @@ def bench_diskvault(work, img1, img2, comp, enc):
     env = {"DISKVAULT_PASSPHRASE": "bench"}
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run([*DV, "init", "-e", enc, repo], env={**os.environ, **env}, check=True)
+    warm(img1)
     a = run([*DV, "create", "-C", comp, f"{repo}::one", img1], env)
     size1 = du(repo)
+    warm(img2)
     b = run([*DV, "create", "-C", comp, f"{repo}::two", img2], env)
     c = run([*DV, "extract", "--stdout", f"{repo}::two"], env)
     res = {"first": a, "second": b, "extract": c, "repo1": size1, "repo2": du(repo)}
@@ -171,8 +175,10 @@ def bench_borg(work, img1, img2, comp, enc):
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run(["borg", "init", "-e", enc, repo], env={**os.environ, **env}, check=True)
     common = ["--read-special", "--chunker-params", "fixed,4194304", "-C", comp]
+    warm(img1)
     a = run(["borg", "create", *common, f"{repo}::one", img1], env)
     size1 = du(repo)
+    warm(img2)
     b = run(["borg", "create", *common, f"{repo}::two", img2], env)
     c = run(["borg", "extract", "--stdout", f"{repo}::two"], env)
     res = {"first": a, "second": b, "extract": c, "repo1": size1, "repo2": du(repo)}
@@ -186,8 +192,10 @@ def bench_restic(work, img1, img2):
            "RESTIC_CACHE_DIR": os.path.join(work, "restic-cache")}
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run(["restic", "init", "-q"], env={**os.environ, **env}, check=True)
+    warm(img1)
     a = run(f"restic backup -q --stdin --stdin-filename disk.img < {img1}", env)
     size1 = du(repo)
+    warm(img2)
     b = run(f"restic backup -q --stdin --stdin-filename disk.img < {img2}", env)
     c = run("restic dump -q latest disk.img", env)
     res = {"first": a, "second": b, "extract": c, "repo1": size1, "repo2": du(repo)}
