@@ -20,7 +20,16 @@ import msgpack
 
 from ..errors import IntegrityError
 from ..source.content import DATA, UNUSED, ZERO
-from ..source.paths import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HARDLINK, SYMLINK  # noqa: F401
+from ..source.paths import (  # noqa: F401 - the entry types are part of the model
+    BLOCKDEV,
+    CHARDEV,
+    DIR,
+    FIFO,
+    FILE,
+    HARDLINK,
+    SYMLINK,
+    Meta,
+)
 
 KIND_NAMES = {DATA: "data", ZERO: "zero", UNUSED: "unused"}
 _EXT = struct.Struct("<BQ")
@@ -84,26 +93,13 @@ class Extents:
 
 
 @dataclass
-class Item:
-    path: str
-    type: str = FILE
-    mode: int = 0o100644
-    uid: int | None = None
-    gid: int | None = None
-    user: str | None = None
-    group: str | None = None
-    mtime: int | None = None  # ns
-    atime: int | None = None
-    ctime: int | None = None
-    size: int = 0
+class Item(Meta):
+    """An archived entry: the source's metadata (``Meta``: path, type, mode, owner, times,
+    size, symlink/hard-link target, rdev, xattrs, source, fs, note) plus what the archive
+    adds. ``source`` is where content came from: file, blockdev, chardev, fifo, stdin,
+    command, table, partition, gap."""
+
     extents: Extents | None = None
-    target: str | None = None  # symlink target, or hardlink master path
-    rdev: int | None = None
-    xattrs: dict[bytes, bytes] | None = None
-    # where content came from: file, blockdev, chardev, fifo, stdin, command, table, partition, gap
-    source: str | None = None
-    fs: str | None = None  # filesystem found on the content
-    note: str | None = None  # e.g. why a block map was not applied
     disk_offset: int | None = None  # where this item sits in a whole-disk archive
     partition: int | None = None  # partition number (whole-disk archives)
     stats: dict | None = None  # read/zero/unused/dedup bytes of this item at creation

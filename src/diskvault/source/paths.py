@@ -38,7 +38,7 @@ BLOCKDEV, CHARDEV, FIFO = "blockdev", "chardev", "fifo"
 
 @dataclass
 class Meta:
-    """Metadata of one entry; field names match archive.model.Item."""
+    """Metadata of one entry as read from its source (archive.model.Item extends it)."""
 
     path: str
     type: str = FILE
