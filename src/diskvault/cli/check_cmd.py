@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
 from ..storage.url import open_store
-from .common import Progress, add_common, passphrase_fn, split_location
+from .common import Progress, add_common, passphrase_fn, percent, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.add_argument("--verify-data", action="store_true",
                    help="read and authenticate every chunk (slow; finds bit rot)")
-    p.add_argument("--verify-data-subset", type=_percent, metavar="N%",
+    p.add_argument("--verify-data-subset", type=percent(0, 100, False, True), metavar="N%",
                    help="like --verify-data, for a random N%% of the packs")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--archives-only", action="store_true")
@@ -36,16 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("location", metavar="REPO", nargs="?")
     p.set_defaults(func=run)
-
-
-def _percent(s: str) -> float:
-    try:
-        v = float(s.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid percentage {s!r}") from None
-    if not 0 < v <= 100:
-        raise argparse.ArgumentTypeError(f"percentage must be in (0, 100]: {s!r}")
-    return v / 100
 
 
 def run(args: argparse.Namespace) -> int:

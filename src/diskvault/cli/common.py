@@ -149,3 +149,19 @@ def parse_size(s: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size {s!r}")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(m.group(1)) * mult
+
+
+def percent(lo: float, hi: float, lo_ok: bool, hi_ok: bool):
+    """An argparse type for ``N%`` (or ``N``) within a range, as a fraction of 1."""
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s.rstrip("%"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid percentage {s!r}") from None
+        if not ((lo <= v if lo_ok else lo < v) and (v <= hi if hi_ok else v < hi)):
+            span = f"{'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+            raise argparse.ArgumentTypeError(f"percentage must be in {span}: {s!r}")
+        return v / 100
+
+    return parse

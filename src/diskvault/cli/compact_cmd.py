@@ -8,28 +8,18 @@ import json
 from ..archive.refs import referenced_chunks
 from ..errors import AppendOnlyError
 from ..repository.compact import compact
-from .common import EXCLUSIVE_LOCK, READ, add_common, fmt_size, open_repo, split_location
+from .common import EXCLUSIVE_LOCK, READ, add_common, fmt_size, open_repo, percent, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compact", help="free the space of deleted archives")
     add_common(p)
-    p.add_argument("--threshold", type=_percent, default=0.10, metavar="N%",
+    p.add_argument("--threshold", type=percent(0, 100, True, False), default=0.10, metavar="N%",
                    help="repack packs with more than N%% unused space (default 10%%)")
     p.add_argument("-n", "--dry-run", action="store_true", help="only say what would be freed")
     p.add_argument("--json", action="store_true")
     p.add_argument("location", metavar="REPO", nargs="?")
     p.set_defaults(func=run)
-
-
-def _percent(s: str) -> float:
-    try:
-        v = float(s.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid threshold {s!r}") from None
-    if not 0 <= v < 100:
-        raise argparse.ArgumentTypeError(f"threshold must be in [0, 100): {s!r}")
-    return v / 100
 
 
 def run(args: argparse.Namespace) -> int:

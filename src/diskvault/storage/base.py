@@ -73,3 +73,26 @@ class Store(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StoreWrapper(Store):
+    """Base of wrappers around another store (retry, faults): what the wrapped backend
+    knows about itself (connection pool, locality) passes through unchanged."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.location = inner.location
+
+    @property
+    def upload_concurrency(self) -> int:  # type: ignore[override]
+        return self.inner.upload_concurrency
+
+    @property
+    def remote(self) -> bool:  # type: ignore[override]
+        return self.inner.remote
+
+    def reserve_connections(self, n: int) -> None:
+        self.inner.reserve_connections(n)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import StorageFull
-from .base import Store
+from .base import Store, StoreWrapper
 from .retry import storage_error
 
 OPS = frozenset({"create", "exists", "load", "store", "delete", "list", "size"})
@@ -42,10 +42,9 @@ class _Rule:
             fnmatch.fnmatchcase(name, self.pattern)
 
 
-class FaultStore(Store):
+class FaultStore(StoreWrapper):
     def __init__(self, inner: Store, seed: int = 0) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.calls: list[tuple[str, str]] = []
         self._rules: list[_Rule] = []
         self._random = random.Random(seed)
@@ -116,17 +115,6 @@ class FaultStore(Store):
                 self._stored_bytes += size
         return None
 
-    @property
-    def upload_concurrency(self) -> int:  # type: ignore[override]
-        return self.inner.upload_concurrency
-
-    @property
-    def remote(self) -> bool:  # type: ignore[override]
-        return self.inner.remote
-
-    def reserve_connections(self, n: int) -> None:
-        self.inner.reserve_connections(n)
-
     def create(self) -> None:
         self._fire("create", "")
         self.inner.create()
@@ -159,5 +147,3 @@ class FaultStore(Store):
         self._fire("size", name)
         return self.inner.size(name)
 
-    def close(self) -> None:
-        self.inner.close()

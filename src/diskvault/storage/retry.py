@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from ..errors import ObjectMissing, StorageError, StorageFull
-from .base import Store
+from .base import Store, StoreWrapper
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,7 +39,7 @@ def is_transient(err: BaseException) -> bool:
             and getattr(err, "transient", True))
 
 
-class RetryStore(Store):
+class RetryStore(StoreWrapper):
     def __init__(
         self,
         inner: Store,
@@ -52,8 +52,7 @@ class RetryStore(Store):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.attempts = attempts
         self.max_elapsed = max_elapsed
         self.base_delay = base_delay
@@ -97,18 +96,6 @@ class RetryStore(Store):
                           op, name, failures, e, delay)
                 self._sleep(delay)
 
-    @property
-    def upload_concurrency(self) -> int:  # type: ignore[override]
-        # the wrapped backend knows what its connection pool is sized for
-        return self.inner.upload_concurrency
-
-    @property
-    def remote(self) -> bool:  # type: ignore[override]
-        return self.inner.remote
-
-    def reserve_connections(self, n: int) -> None:
-        self.inner.reserve_connections(n)
-
     def create(self) -> None:
         self.inner.create()
 
@@ -145,5 +132,3 @@ class RetryStore(Store):
     def size(self, name: str) -> int:
         return self._call("size", name, lambda: self.inner.size(name))
 
-    def close(self) -> None:
-        self.inner.close()
