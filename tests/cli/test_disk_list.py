@@ -6,14 +6,11 @@ import json
 import os
 import re
 import subprocess
-import sys
-import types
 
 import pytest
 from support import dv, loop_device, needs_loop, needs_tool
 
 from diskvault.cli import disk_cmd
-from diskvault.cli.main import build_parser
 from diskvault.source.disks import SYSFS_ENV
 
 MiB = 1 << 20
@@ -126,23 +123,6 @@ def test_disk_list_without_disks_and_usage_errors(tmp_path):
     assert r.returncode == 2
     assert r.stderr.decode().splitlines() == [
         "diskvault: error: the following arguments are required: SUBCOMMAND"]
-
-
-def test_other_modules_add_disk_subcommands(monkeypatch):
-    """A module named in DISK_COMMANDS joins the group through register_disk()."""
-    mod = types.ModuleType("diskvault.cli.fake_disk_cmd")
-
-    def register_disk(sub):
-        p = sub.add_parser("fake")
-        p.add_argument("--serial")
-        p.set_defaults(func=lambda args: 0)
-
-    mod.register_disk = register_disk
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(disk_cmd, "DISK_COMMANDS", ["no_such_disk_cmd", "fake_disk_cmd"])
-    args = build_parser().parse_args(["disk", "fake", "--serial", "S1"])
-    assert (args.disk_command, args.serial) == ("fake", "S1")
-    assert set(disk_cmd.disk_subparsers().choices) == {"list", "fake"}
 
 
 @pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),

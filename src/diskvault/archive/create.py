@@ -194,9 +194,7 @@ class ArchiveBuilder:
         if extra:
             meta.update(extra)
         meta["items"] = write_item_stream(self.items, self._store_meta_chunk)
-        if not self.opts.dry_run:
-            if name in self.repo.manifest.archives:
-                raise ArchiveExists(name)
+        if not self.opts.dry_run:  # commit_archive refuses a taken name under the lock
             self.repo.commit_archive(name, meta, self.writer)  # type: ignore[arg-type]
         return meta
 

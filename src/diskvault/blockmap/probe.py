@@ -9,19 +9,18 @@ Whatever goes wrong in a parser, the caller gets a map that reads everything, wi
 
 from __future__ import annotations
 
-import importlib
 import struct
 from collections.abc import Callable
 from types import ModuleType
 
-from diskvault.blockmap import ext, swap
+from diskvault.blockmap import btrfs, ext, fat, ntfs, swap, xfs
 from diskvault.blockmap.base import BlockMap, RangeReader, packed_len
 from diskvault.errors import BlockMapError
 
-# fs type → parser module (in diskvault.blockmap)
-PARSERS = {
-    "ext2": "ext", "ext3": "ext", "ext4": "ext", "jbd": "ext",
-    "ntfs": "ntfs", "vfat": "fat", "xfs": "xfs", "btrfs": "btrfs", "swap": "swap",
+# fs type → parser module; a recognised type without one (LVM, exFAT) is read whole
+PARSERS: dict[str, ModuleType] = {
+    "ext2": ext, "ext3": ext, "ext4": ext, "jbd": ext,
+    "ntfs": ntfs, "vfat": fat, "xfs": xfs, "btrfs": btrfs, "swap": swap,
 }
 _ENCRYPTED = {"crypto_LUKS"}
 
@@ -106,16 +105,6 @@ def detect_fs(reader: RangeReader) -> str | None:
     return _identify(reader)[0]
 
 
-def _load(module: str) -> ModuleType | None:
-    full = f"diskvault.blockmap.{module}"
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as e:
-        if e.name == full:
-            return None  # that parser is not written (yet)
-        raise
-
-
 def block_map_for(reader: RangeReader) -> BlockMap:
     """The used-block map of the filesystem on ``reader``; on any doubt, all used + note."""
     fs_type, why = _identify(reader)
@@ -123,9 +112,8 @@ def block_map_for(reader: RangeReader) -> BlockMap:
         return BlockMap.all_used(reader.size, "unknown", note=why)
     if fs_type in _ENCRYPTED:
         return BlockMap.all_used(reader.size, fs_type, note="encrypted (LUKS): all blocks read")
-    name = PARSERS.get(fs_type)
+    module = PARSERS.get(fs_type)
     try:
-        module = _load(name) if name else None
         if module is None:
             return BlockMap.all_used(
                 reader.size, fs_type, note=f"no block map parser for {fs_type}: all blocks read"

@@ -18,7 +18,6 @@ from ..chunking.base import ChunkerParams
 from ..errors import UsageError, Warning_
 from ..repository.compression import Compression
 from ..source.disks import find_by_serial
-from . import disk_restore_cmd
 from .common import (
     WRITE,
     Progress,
@@ -61,7 +60,6 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
     p.add_argument("device", nargs="?", metavar="DEVICE|IMAGE")
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.set_defaults(func=run)
-    disk_restore_cmd.register_disk(sub)
 
 
 def source_path(args: argparse.Namespace) -> str:

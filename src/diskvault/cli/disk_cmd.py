@@ -1,56 +1,37 @@
 """``diskvault disk``: the disk command group; ``disk list`` shows disks and partitions.
 
-Other modules join the group the way command modules join the CLI in main.py: they are
-named in ``DISK_COMMANDS`` and expose ``register_disk(disk_subparsers)``, which adds a
-subparser and sets ``func``. A module not built yet is skipped.
+``disk backup`` and ``disk restore`` live in disk_backup_cmd.py / disk_restore_cmd.py and
+join the group through ``register_disk(disk_subparsers)``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
 from ..source.disks import Disk, list_disks
-
-DISK_COMMANDS = ["disk_backup_cmd"]  # cli/<name>.py modules that add `disk` subcommands
-
-_subparsers: argparse._SubParsersAction | None = None
+from . import disk_backup_cmd, disk_restore_cmd
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    global _subparsers
     parser = sub.add_parser(
         "disk", help="list, back up and restore whole disks",
         description="Disk-level commands: find disks by serial, back up and restore them.",
     )
-    _subparsers = parser.add_subparsers(
+    subparsers = parser.add_subparsers(
         dest="disk_command", metavar="SUBCOMMAND", parser_class=type(parser)
     )
-    _subparsers.required = True
-    p = _subparsers.add_parser(
+    subparsers.required = True
+    p = subparsers.add_parser(
         "list", help="list disks, serials, partitions and filesystems",
         description="List block devices (disks and loop devices) with model, serial, "
         "partitions, filesystem types and mountpoints. Read from sysfs; no udev needed.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_list)
-    for name in DISK_COMMANDS:
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{name}":
-                continue  # subcommand not built yet
-            raise
-        mod.register_disk(_subparsers)
-
-
-def disk_subparsers() -> argparse._SubParsersAction:
-    """The `disk` group's subparsers, for a module that adds a subcommand after register()."""
-    if _subparsers is None:
-        raise RuntimeError("disk_cmd.register() has not run")
-    return _subparsers
+    disk_backup_cmd.register_disk(subparsers)
+    disk_restore_cmd.register_disk(subparsers)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -1,15 +1,14 @@
 """Entry point: build the parser from one module per command, run it, map errors to exits.
 
-Each command module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` to a ``run(args) -> int`` function. Errors below the CLI are ``DiskvaultError``s
-and are printed as one line; anything else is a bug, printed as one line too unless
-``DISKVAULT_DEBUG`` is set (then with its traceback).
+Each command module (``COMMANDS``) exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` to a ``run(args) -> int`` function. Errors below the CLI are
+``DiskvaultError``s and are printed as one line; anything else is a bug, printed as one
+line too unless ``DISKVAULT_DEBUG`` is set (then with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
@@ -17,23 +16,27 @@ import traceback
 
 from .. import __version__
 from ..errors import DiskvaultError
+from . import (
+    check_cmd,
+    compact_cmd,
+    config_cmd,
+    create_cmd,
+    delete_cmd,
+    disk_cmd,
+    extract_cmd,
+    info_cmd,
+    init_cmd,
+    key_cmd,
+    list_cmd,
+    lock_cmd,
+    prune_cmd,
+    rename_cmd,
+)
 
+# one module per command, in the order `--help` lists them
 COMMANDS = [
-    "init_cmd",
-    "create_cmd",
-    "extract_cmd",
-    "list_cmd",
-    "info_cmd",
-    "delete_cmd",
-    "rename_cmd",
-    "disk_cmd",
-    "check_cmd",
-    "prune_cmd",
-    "compact_cmd",
-    "key_cmd",
-    "lock_cmd",
-    "config_cmd",
-    "mount_cmd",
+    init_cmd, create_cmd, extract_cmd, list_cmd, info_cmd, delete_cmd, rename_cmd,
+    disk_cmd, check_cmd, prune_cmd, compact_cmd, key_cmd, lock_cmd, config_cmd,
 ]
 
 
@@ -49,13 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{name}":
-                continue  # command not built yet
-            raise
+    for mod in COMMANDS:
         mod.register(sub)
     return parser
 
