@@ -62,7 +62,11 @@ from .pack import pack_key
 if TYPE_CHECKING:
     from .writer import ChunkWriter
 
-FORMAT_VERSION = 1
+# Version 2 (new repositories): FastCDC keyed from the id key, `delta` extents. Version 1
+# repositories stay readable and writable as version 1 (no keyed FastCDC, no deltas), so
+# an older diskvault that shares them keeps working; it refuses a version 2 repository.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ENCRYPTION_MODES = ("none", "repokey", "keyfile")
 DEFAULT_PACK_SIZE = 32 << 20
 PassphraseFn = Callable[[bool], str]  # argument: True when creating (confirm)
@@ -86,6 +90,8 @@ class Repository:
         self.config = config
         self.config_hash = blake3.blake3(config_raw).digest()
         self.id: bytes = config["repo_id"]
+        # what the repository's data may use: 2 enables keyed FastCDC and delta extents
+        self.format_version: int = int(config["version"])
         self.encryption: str = config["encryption"]
         self.append_only: bool = bool(config.get("append_only", False))
         self.pack_size: int = int(config.get("pack_size", DEFAULT_PACK_SIZE))
@@ -146,8 +152,8 @@ class Repository:
             version = config["version"]
         except Exception:  # noqa: BLE001
             raise IntegrityError("repository config is damaged") from None
-        if version != FORMAT_VERSION:
-            raise UnsupportedVersion("repository", version, FORMAT_VERSION)
+        if version not in READABLE_VERSIONS:
+            raise UnsupportedVersion("repository", version, "1 and 2")
         key_ok = config.get("encryption") != "none" or _is_key(config.get("id_key"))
         if config.get("encryption") not in ENCRYPTION_MODES or not _is_key(config.get("repo_id")) \
                 or not key_ok or not isinstance(config.get("pack_size", 1), int):
