@@ -36,8 +36,9 @@ class RepositoryError(DiskvaultError):
 
 
 class RepositoryNotFound(RepositoryError):
-    def __init__(self, location: str) -> None:
-        super().__init__(f"{location} is not a diskvault repository")
+    def __init__(self, location: str, missing: bool = False) -> None:
+        super().__init__(f"{location} does not exist" if missing
+                         else f"{location} is not a diskvault repository")
 
 
 class RepositoryExists(RepositoryError):
@@ -60,6 +61,41 @@ class IntegrityError(RepositoryError):
 class ObjectMissing(IntegrityError):
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is missing from the repository")
+
+
+class SecurityError(RepositoryError):
+    """The repository is not the one this client remembers (security.py): refused."""
+
+
+class EncryptionChanged(SecurityError):
+    def __init__(self, location: str, was: str, now: str, entry: str) -> None:
+        super().__init__(
+            f"{location}: the repository was {was!r} when this client last used it and now "
+            f"claims encryption {now!r}: refused (its storage may have been tampered with; "
+            f"if it was really re-created with the same id, delete {entry})")
+
+
+class KeyChanged(SecurityError):
+    def __init__(self, location: str, entry: str) -> None:
+        super().__init__(
+            f"{location}: the repository's key is not the one this client used before: "
+            f"refused (its storage may have been tampered with; if you replaced the key on "
+            f"purpose, delete {entry})")
+
+
+class UnencryptedWithKeyfile(SecurityError):
+    def __init__(self, location: str, keyfile: str) -> None:
+        super().__init__(
+            f"{location} claims to be unencrypted, but this client has a key file for it "
+            f"({keyfile}): refused (its storage may have been tampered with)")
+
+
+class ManifestRolledBack(IntegrityError):
+    def __init__(self, serial: int, seen: int, location: str, entry: str) -> None:
+        super().__init__(
+            f"manifest serial {serial} is older than the last seen ({seen}): {location} was "
+            f"rolled back or replaced by an older copy; if you restored it from a copy on "
+            f"purpose, delete {entry} and run the command again")
 
 
 class StorageError(RepositoryError):
@@ -112,6 +148,13 @@ class PassphraseWrong(KeyError_):
 class KeyFileMissing(KeyError_):
     def __init__(self, path: str) -> None:
         super().__init__(f"key file for this repository not found: {path}")
+
+
+class PassphraseEmpty(KeyError_):
+    def __init__(self) -> None:
+        super().__init__(
+            "the new passphrase is empty (an unset shell variable?): refused; set "
+            "DISKVAULT_PASSPHRASE_EMPTY_OK=1 if you really want no passphrase")
 
 
 class PassphraseMissing(KeyError_):

@@ -33,7 +33,7 @@ from archive.test_disk_images import (
     verify_disk,
     verify_partition,
 )
-from support import dv, init_repo, loop_device, needs_loop, needs_tool, sha256_file
+from support import DV_ENTRY, dv, init_repo, loop_device, needs_loop, needs_tool, sha256_file
 
 pytestmark = [needs_kit, needs_tool("sgdisk", "e2fsck", "fsck.vfat", "ntfsfix", "ntfscat")]
 
@@ -103,7 +103,7 @@ def test_gpt_disk_from_loop_onto_larger_loop_new_image_and_dd(gpt, tmp_path):
     same = str(tmp_path / "dd.img")
     random_fill(same, 64 * MiB, 12)
     with loop_device(same) as target:
-        subprocess.run(f"{sys.executable} -m diskvault extract --stdout {repo}::g1 "
+        subprocess.run(f"{sys.executable} {DV_ENTRY} extract --stdout {repo}::g1 "
                        f"| dd of={target} bs=4M status=none", shell=True, check=True)
     assert sha256_file(same) == sha256_file(new)
 

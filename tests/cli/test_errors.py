@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
-from support import dv, init_repo, needs_root, needs_tool
+from support import DV, DV_ENTRY, dv, init_repo, needs_root, needs_tool
 
 
 def snapshot(repo: str) -> dict[str, bytes]:
@@ -57,7 +58,7 @@ def test_wrong_passphrase(repo):
 
 def test_no_passphrase_without_terminal(repo):
     path, _ = repo
-    r = subprocess.run(["python", "-m", "diskvault", "list", path], capture_output=True,
+    r = subprocess.run([*DV, "list", path], capture_output=True,
                        stdin=subprocess.DEVNULL)
     one_error_line(r, "DISKVAULT_PASSPHRASE")
 
@@ -148,7 +149,7 @@ def test_disk_full_on_extract_target(repo, tmp_path):
     try:
         r = dv("extract", f"{path}::big", env=env, cwd=str(mnt), check=False)
         one_error_line(r, "no space left")
-        r = subprocess.run(f"python -m diskvault extract --stdout {path}::big > {mnt}/out",
+        r = subprocess.run(f"{sys.executable} {DV_ENTRY} extract --stdout {path}::big > {mnt}/out",
                            shell=True, capture_output=True, env={**os.environ, **env})
         one_error_line(r, "no space left")
     finally:

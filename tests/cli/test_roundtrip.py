@@ -11,7 +11,16 @@ import threading
 import time
 
 import pytest
-from support import allocated, dv, init_repo, loop_device, make_vm_image, needs_loop, sha256_file
+from support import (
+    DV_ENTRY,
+    allocated,
+    dv,
+    init_repo,
+    loop_device,
+    make_vm_image,
+    needs_loop,
+    sha256_file,
+)
 
 
 @pytest.fixture
@@ -159,7 +168,7 @@ def test_loop_device_read_special(tmp_path, image):
         f.write(os.urandom(24 << 20))  # stale content must be overwritten, zeros included
     with loop_device(target) as tdev:
         dv("extract", "--stdout", f"{repo}::d", env=env)
-        subprocess.run(f"{sys.executable} -m diskvault extract --stdout {repo}::d "
+        subprocess.run(f"{sys.executable} {DV_ENTRY} extract --stdout {repo}::d "
                        f"| dd of={tdev} bs=4M status=none", shell=True, check=True,
                        env={**os.environ, **env})
         assert sha256_file(tdev) == sha256_file(image)

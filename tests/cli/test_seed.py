@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from support import loop_device, needs_loop, needs_tool, sha256_file
+from support import DV_ENTRY, loop_device, needs_loop, needs_tool, sha256_file
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def seed_env(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = bindir / "diskvault"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m diskvault \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {DV_ENTRY} \"$@\"\n")
     wrapper.chmod(0o755)
     env = dict(os.environ)
     env["PATH"] = f"{bindir}:{env['PATH']}"

@@ -34,7 +34,7 @@ from archive.test_disk_images import (
     verify_partition,
     verify_table,
 )
-from support import dv, loop_device, needs_loop, needs_tool
+from support import DV_ENTRY, dv, loop_device, needs_loop, needs_tool
 
 pytestmark = [needs_loop, needs_kit, needs_tool("ntfsclone", "ntfsfix", "ntfscat", "e2fsck")]
 
@@ -72,7 +72,7 @@ done
 def seed_env(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "diskvault").write_text(f"#!/bin/sh\nexec {sys.executable} -m diskvault \"$@\"\n")
+    (bindir / "diskvault").write_text(f"#!/bin/sh\nexec {sys.executable} {DV_ENTRY} \"$@\"\n")
     (bindir / "partprobe").write_text("#!/bin/sh\nexit 0\n")
     for f in bindir.iterdir():
         f.chmod(0o755)

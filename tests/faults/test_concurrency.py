@@ -7,15 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from support import dv, init_repo
+from support import DV, dv, init_repo
 
 
 def _popen(*args: str, env: dict, stdin=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "diskvault", *args], env={**os.environ, **env},
+    return subprocess.Popen([*DV, *args], env={**os.environ, **env},
                             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

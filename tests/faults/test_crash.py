@@ -16,12 +16,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
 import pytest
 from faults.faultkit import PASS, assert_restores, backup, reopen
+from support import DV
 
 from diskvault.archive.check import CheckOptions, run_check
 from diskvault.archive.prune import plan_prune
@@ -49,11 +49,11 @@ class Harness:
         self.stats: Counter = Counter()
 
     def dv(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "diskvault", *args], env=self.env,
+        return subprocess.Popen([*DV, *args], env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def setup(self) -> None:
-        subprocess.run([sys.executable, "-m", "diskvault", "init", "-e", "repokey",
+        subprocess.run([*DV, "init", "-e", "repokey",
                         "--pack-size", "192KiB", self.repo], env=self.env, check=True)
         for _ in range(3):
             self.run_op("create", kill=False)

@@ -6,7 +6,6 @@ import collections
 import hashlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 from remote.cluster import SeaweedCluster
 from remote.conftest import file_sha, restored_sha
 from storage.servers import ServerStartError
-from support import dv, init_repo, make_vm_image
+from support import DV, dv, init_repo, make_vm_image
 
 MiB = 1 << 20
 
@@ -59,7 +58,7 @@ def test_restore_completes_with_a_volume_server_killed(cluster: SeaweedCluster,
     victim = cluster.volume_server(max(vols, key=lambda a: len(vols[a])))
     assert stored_bytes(victim.dir) > 8 * MiB  # it holds a good part of the repository
 
-    ext = subprocess.Popen([sys.executable, "-m", "diskvault", "extract", "--stdout",
+    ext = subprocess.Popen([*DV, "extract", "--stdout",
                             f"{url}::vm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert ext.stdout is not None and ext.stderr is not None
     head = ext.stdout.read(1 * MiB)  # the restore is under way

@@ -13,7 +13,6 @@ import hashlib
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 from remote.conftest import restored_sha
 from remote.test_remote_resume import stored_packs
-from support import dv, init_repo
+from support import DV, dv, init_repo
 
 MiB = 1 << 20
 CHUNKER = ["--chunker-params", "fixed,262144"]
@@ -55,7 +54,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 def start_create(url: str, name: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "diskvault", "create", *CHUNKER, "--stdin-name", name,
+        [*DV, "create", *CHUNKER, "--stdin-name", name,
          f"{url}::{name}", "-"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})})
@@ -87,7 +86,7 @@ def error_lines(stderr: bytes) -> list[str]:
 
 
 def start_extract(url: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "diskvault", "extract", "--stdout", url],
+    return subprocess.Popen([*DV, "extract", "--stdout", url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import collections
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from remote.conftest import file_sha, random_file, restored_sha
 from remote.proxy import counting_proxy
-from support import dv, init_repo
+from support import DV, dv, init_repo
 
 from diskvault.repository.pack import read_toc
 from diskvault.repository.repo import Repository
@@ -58,7 +57,7 @@ def test_killed_create_resumes_without_uploading_landed_packs_again(s3_server, t
     with counting_proxy("127.0.0.1", s3_server.ports["s3"]) as proxy:
         url = proxied_url(s3_server, proxy, prefix)
         init_repo(url, "repokey", "--pack-size", "1MiB")
-        args = [sys.executable, "-m", "diskvault", "create", "--chunker-params", CHUNKER,
+        args = [*DV, "create", "--chunker-params", CHUNKER,
                 "--stdin-name", "disk.raw", f"{url}::disk", "-"]
         first = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert first.stdin is not None

@@ -13,7 +13,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from remote.conftest import restored_sha
 from remote.test_remote_resume import stored_packs
-from support import dv, init_repo
+from support import DV, dv, init_repo
 
 from diskvault.errors import LockError
 from diskvault.repository.lock import EXCLUSIVE, Lock, node_identity
@@ -44,7 +43,7 @@ def _unshare_works() -> bool:
 
 def create_as(host: str | None, url: str, name: str, env: dict) -> subprocess.Popen:
     """``create`` from stdin, as another host (own host name, own cache) if ``host``."""
-    argv = [sys.executable, "-m", "diskvault", "create", "--json", *CHUNKER,
+    argv = [*DV, "create", "--json", *CHUNKER,
             "--stdin-name", f"{name}.img", f"{url}::{name}", "-"]
     if host is not None:
         argv = ["unshare", "-u", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *argv]

@@ -25,6 +25,7 @@ from ..repository.repo import Repository
 from ..repository.writer import ChunkWriter
 from ..source.content import DATA, Content, ReadStats, SeekableContent
 from ..source.paths import Meta, Source
+from ..storage.url import mask
 from .items import write_item_stream
 from .model import Extents, Item
 
@@ -142,7 +143,7 @@ class ArchiveBuilder:
         busy = 0  # data pieces in flight: bounds memory to max_inflight chunks
         before = ReadStats(**asdict(content.stats))
         size = 0
-        for kind, length, data in content.pieces(make_chunker(params)):
+        for kind, length, data in content.pieces(make_chunker(params, self.repo.chunker_seed)):
             size += length
             if kind == DATA:
                 queue.append((self.pool.submit(self._seal, data), kind, length))
@@ -186,14 +187,15 @@ class ArchiveBuilder:
         meta = {
             "version": ARCHIVE_VERSION, "name": name, "time": self.started,
             "time_end": time.time(), "hostname": socket.gethostname(),
-            "username": _username(), "command_line": sys.argv,
+            "username": _username(), "command_line": [mask(a) for a in sys.argv],
             "comment": self.opts.comment, "compression": str(self.opts.compression),
             "chunker": str(self.opts.chunker) if self.opts.chunker else "default",
             "stats": self.stats.to_dict(), "nitems": len(self.items),
         }
         if extra:
             meta.update(extra)
-        meta["items"] = write_item_stream(self.items, self._store_meta_chunk)
+        meta["items"] = write_item_stream(self.items, self._store_meta_chunk,
+                                          self.repo.chunker_seed)
         if not self.opts.dry_run:  # commit_archive refuses a taken name under the lock
             self.repo.commit_archive(name, meta, self.writer)  # type: ignore[arg-type]
         return meta

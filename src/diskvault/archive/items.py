@@ -15,11 +15,13 @@ from .model import Item, pack_items, unpack_items
 _CUT = (64 << 10, 256 << 10, 1 << 20)
 
 
-def write_item_stream(items: list[Item], store_chunk: Callable[[bytes], bytes]) -> list[bytes]:
+def write_item_stream(items: list[Item], store_chunk: Callable[[bytes], bytes],
+                      seed: int = 0) -> list[bytes]:
+    """``seed``: the repository's FastCDC seed (Repository.chunker_seed)."""
     data = pack_items(items)
     if not data:
         return []
-    cdc = FastCdcChunker(*_CUT)
+    cdc = FastCdcChunker(*_CUT, seed)
     pos = 0
 
     def read(n: int) -> bytes:

@@ -161,7 +161,8 @@ def _repair_meta(repo: Repository, ref: ArchiveRef, meta: dict, state: ChunkStat
             continue
         changed = True
     if changed:
-        meta["items"] = write_item_stream(items, lambda data: _store(repo, writer, data))
+        meta["items"] = write_item_stream(items, lambda data: _store(repo, writer, data),
+                                          repo.chunker_seed)
         meta["nitems"] = len(items)
     return changed
 

@@ -75,14 +75,15 @@ class Chunker(ABC):
         """Cut a stream into chunks (each a fresh bytes object)."""
 
 
-def make_chunker(params: ChunkerParams) -> Chunker:
+def make_chunker(params: ChunkerParams, seed: int = 0) -> Chunker:
+    """``seed``: the repository's secret FastCDC seed (0: the public gear table)."""
     if params.algo == "fixed":
         from .fixed import FixedChunker
 
         return FixedChunker(params.size, params.header)
     from .fastcdc import FastCdcChunker
 
-    return FastCdcChunker(params.min, params.avg, params.max)
+    return FastCdcChunker(params.min, params.avg, params.max, seed)
 
 
 def read_full(read: StreamRead, n: int) -> bytes:

@@ -12,7 +12,14 @@ from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
 from ..storage.url import open_store
-from .common import Progress, add_common, passphrase_fn, percent, split_location
+from .common import (
+    Progress,
+    add_common,
+    passphrase_fn,
+    percent,
+    split_location,
+    warn_unencrypted,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     repo = Repository.open(open_store(repo_loc), passphrase_fn,
                            lock=EXCLUSIVE if args.repair else SHARED,
                            lock_wait=args.lock_wait, tolerate_damage=True)
+    warn_unencrypted(repo)
     try:
         if args.repair:
             report = repair(repo, opts, lambda m: print(f"repair: {m}", file=out, flush=True),

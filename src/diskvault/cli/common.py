@@ -17,7 +17,7 @@ from ..crypto.passphrase import get_passphrase
 from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
-from ..storage.url import open_store
+from ..storage.url import mask, open_store
 
 READ, WRITE, EXCLUSIVE_LOCK = "read", "write", "exclusive"
 
@@ -32,9 +32,9 @@ def split_location(loc: str | None, need_archive: bool | None) -> tuple[str, str
         if not repo:
             raise UsageError("no repository given (REPO or REPO::ARCHIVE, or DISKVAULT_REPO)")
     if need_archive is True and not archive:
-        raise UsageError(f"an archive name is needed: {repo}::ARCHIVE")
+        raise UsageError(f"an archive name is needed: {mask(repo)}::ARCHIVE")
     if need_archive is False and sep:
-        raise UsageError(f"this command takes a repository, not an archive: {loc}")
+        raise UsageError(f"this command takes a repository, not an archive: {mask(loc)}")
     return repo, archive or None
 
 
@@ -63,11 +63,26 @@ def passphrase_fn(creating: bool) -> str:
                           confirm=creating)
 
 
+def passphrase_is_set() -> bool:
+    return (os.environ.get("DISKVAULT_PASSPHRASE") is not None
+            or bool(os.environ.get("DISKVAULT_PASSCOMMAND")))
+
+
+def warn_unencrypted(repo: Repository) -> None:
+    """A passphrase set for a repository met unencrypted for the first time: the user
+    expects encryption, and whoever holds the storage may have replaced it."""
+    if repo.first_contact and repo.encryption == "none" and passphrase_is_set():
+        sys.stderr.write(f"diskvault: warning: {repo.store.location} is not encrypted, but a "
+                         "passphrase is set: if you created it encrypted, its storage has "
+                         "been tampered with\n")
+
+
 @contextmanager
 def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterator[Repository]:
     store = open_store(location)
     lock = {READ: SHARED, WRITE: SHARED, EXCLUSIVE_LOCK: EXCLUSIVE}[mode]
     repo = Repository.open(store, passphrase_fn, lock=lock, lock_wait=lock_wait)
+    warn_unencrypted(repo)
     try:
         yield repo
     finally:

@@ -8,6 +8,7 @@ import json
 from ..archive.model import Item
 from ..archive.view import ArchiveView
 from ..errors import IntegrityError
+from ..storage.url import mask
 from .common import READ, add_common, fmt_size, fmt_time, open_repo, split_location
 
 
@@ -65,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
                   **(i.stats or {})} for i in view.items if i.extents is not None]
         info = {"name": name, "id": view.ref.id.hex(), "hostname": m.get("hostname"),
                 "username": m.get("username"), "start": m.get("time"), "end": m.get("time_end"),
-                "command_line": m.get("command_line"), "comment": m.get("comment"),
+                # masked again: archives made before masking may hold S3 secrets
+                "command_line": [mask(str(a)) for a in m.get("command_line") or []],
+                "comment": m.get("comment"),
                 "compression": m.get("compression"), "chunker": m.get("chunker"),
                 "stats": s, "items": items, "disk": m.get("disk")}
         if args.json:

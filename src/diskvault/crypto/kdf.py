@@ -7,21 +7,24 @@ from dataclasses import asdict, dataclass
 
 from argon2.low_level import Type, hash_secret_raw
 
+# the cost new keys get: costly to brute-force, fine for a backup run (64 MiB, 3 passes);
+# crypto/keys.py refuses keys asking for more than a real client would choose
+NEW_KEY_COST: dict[str, int] = {"time_cost": 3, "memory_kib": 65536, "parallelism": 2}
+
 
 @dataclass(frozen=True)
 class KdfParams:
     salt: bytes
-    time_cost: int = 3
-    memory_kib: int = 65536  # 64 MiB: costly to brute-force, fine for a backup run
-    parallelism: int = 2
+    time_cost: int
+    memory_kib: int
+    parallelism: int
     algorithm: str = "argon2id"
 
     @classmethod
     def new(cls) -> KdfParams:
-        if os.environ.get("DISKVAULT_TESTONLY_WEAKEN_KDF"):
-            # tests create hundreds of keys; never set this for real repositories
-            return cls(salt=os.urandom(16), time_cost=1, memory_kib=64, parallelism=1)
-        return cls(salt=os.urandom(16))
+        c = NEW_KEY_COST
+        return cls(salt=os.urandom(16), time_cost=c["time_cost"], memory_kib=c["memory_kib"],
+                   parallelism=c["parallelism"])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,7 +30,7 @@ import blake3
 import msgpack
 
 from ..crypto.aead import AesGcmCipher, Cipher, PlainCipher
-from ..crypto.ids import IdHasher
+from ..crypto.ids import IdHasher, chunker_seed
 from ..crypto.keys import (
     KeyMaterial,
     keyfile_text,
@@ -46,6 +46,7 @@ from ..errors import (
     KeyFileMissing,
     ObjectMissing,
     RepositoryNotFound,
+    UnencryptedWithKeyfile,
     UnsupportedVersion,
     UsageError,
 )
@@ -103,6 +104,11 @@ class Repository:
         self.id_hash = IdHasher(km.id_key)
         self.codec = ObjectCodec(cipher, self.id_hash, Compression.parse("lz4"))
         self.key = km
+        # FastCDC seed: secret in version 2, the public table (0) in version 1, so old
+        # archives keep deduplicating against new ones there
+        self.chunker_seed: int = chunker_seed(km.id_key) if self.format_version >= 2 else 0
+        # True when this client had never seen the repository before open() (security.py)
+        self.first_contact = False
         self._index: ChunkIndex | None = None
         self._index_lock = threading.Lock()  # worker threads ask for the index at once
         # index and archive metadata, kept locally and validated on use (cache.py)
@@ -137,6 +143,8 @@ class Repository:
         raw = msgpack.packb(config)
         store.store("config", raw)
         repo = cls(store, config, raw, km)
+        security.remember(repo_id, mode=encryption, fingerprint=km.fingerprint(),
+                          location=store.location)
         repo.manifest = Manifest(config_hash=repo.config_hash)
         repo._write_manifest(repo.manifest)
         return repo
@@ -167,10 +175,19 @@ class Repository:
         manifest does not fail (``check`` reports it, ``check --repair`` rebuilds it);
         ``manifest_problem`` says what is wrong and ``manifest`` is then empty."""
         if not store.exists():
-            raise RepositoryNotFound(store.location)
+            raise RepositoryNotFound(store.location, missing=True)
         config, raw = cls.read_config(store)
+        # judge the mode before reading anything through it: a repository downgraded to
+        # "none" by whoever controls the storage is refused here (security.py)
+        repo_id, mode = config["repo_id"], config["encryption"]
+        known = security.load(repo_id)
+        security.check_identity(repo_id, known, mode, None, store.location)
+        if mode == "none" and os.path.exists(keyfile_path(repo_id)):
+            raise UnencryptedWithKeyfile(store.location, keyfile_path(repo_id))
         km = cls._load_key(store, config, passphrase_fn)
+        security.check_identity(repo_id, known, mode, km.fingerprint(), store.location)
         repo = cls(store, config, raw, km)
+        repo.first_contact = known is None
         # check and repair judge the repository itself, never a local copy of it
         repo.cache.enabled = repo.cache.enabled and not tolerate_damage
         if lock:
@@ -180,6 +197,9 @@ class Repository:
             if repo.manifest_problem and not tolerate_damage:
                 raise IntegrityError(repo.manifest_problem[1])
             repo.manifest = m if m is not None and not repo.manifest_problem else Manifest()
+            if not repo.manifest_problem:
+                security.remember(repo_id, mode=mode, fingerprint=km.fingerprint(),
+                                  location=store.location)
             repo.cache.prune_archives({r.id for r in repo.manifest.archives.values()})
         except BaseException:
             repo.close()
@@ -245,11 +265,15 @@ class Repository:
         if self.encryption != "none" and self.config_hash not in (
                 m.config_hash, m.pending_config_hash):
             return m, ("config", "repository config does not match the manifest (tampered?)")
+        if self.encryption == "none":
+            return m, None  # nothing authenticates it: its serial proves nothing
         try:
-            security.check_serial(self.id, m.serial, self.encryption != "none")
+            security.check_serial(self.id, m.serial, self.store.location)
         except IntegrityError as e:
             return m, ("rollback", str(e))
-        security.remember_serial(self.id, m.serial)
+        # remembered only now that the manifest authenticated: a forged one must not
+        # raise the serial and lock this client out of the genuine repository
+        security.remember(self.id, serial=m.serial)
         return m, None
 
     def _write_manifest(self, m: Manifest, keep_pending: bool = False) -> None:
@@ -258,7 +282,8 @@ class Repository:
             m.pending_config_hash = b""
         m.bump()
         self.store.store("manifest", self.codec.seal(MANIFEST_AAD, m.to_bytes()))
-        security.remember_serial(self.id, m.serial)
+        if self.encryption != "none":
+            security.remember(self.id, serial=m.serial)
 
     def _manifest_lock(self) -> Lock:
         return Lock(self.store, EXCLUSIVE, lock_wait=120.0, namespace="locks-manifest")

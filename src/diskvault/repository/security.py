@@ -1,8 +1,21 @@
-"""What this client remembers about each repository, to detect rollback and swaps.
+"""What this client remembers about each repository, against a storage-only attacker.
 
-Per repository id, ``<cache dir>/<id>/security.json`` holds the highest manifest serial
-this client has seen. An encrypted repository whose manifest is older is refused: the
-manifest was rolled back or replaced by an old copy (its AEAD tag is still valid).
+Whoever can write to the storage can replace ``config`` (it is not encrypted), the
+manifest of an unencrypted repository, or put back an old, validly sealed manifest. The
+client therefore remembers, per repository id, in ``<security dir>/<repo id hex>/
+security.json``:
+
+    mode         the encryption mode it first saw (none, repokey, keyfile)
+    fingerprint  a one-way hash of the key material (crypto/keys.py), never the key
+    location     where it last opened the repository (secrets masked)
+    serial       the highest serial of a manifest that authenticated (encrypted only)
+
+A repository whose mode or key changed is refused (a downgrade to ``none`` would
+otherwise make the next ``create`` upload plaintext); an encrypted manifest older than
+``serial`` is refused (rollback). The security dir lives under ``~/.config``, not in the
+cache: deleting the cache must not lower the guard. ``$DISKVAULT_SECURITY_DIR``
+overrides it. Deleting a repository's entry (the procedure the errors name) makes the
+client trust the repository as it finds it next, as on first contact.
 """
 
 from __future__ import annotations
@@ -12,8 +25,9 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
-from ..errors import IntegrityError
+from ..errors import EncryptionChanged, KeyChanged, ManifestRolledBack
 
 
 def cache_dir() -> str:
@@ -22,27 +36,83 @@ def cache_dir() -> str:
     return base
 
 
+def security_dir() -> str:
+    return os.environ.get("DISKVAULT_SECURITY_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+        "diskvault", "security")
+
+
+def entry_dir(repo_id: bytes) -> str:
+    """The directory holding what this client knows about one repository."""
+    return os.path.join(security_dir(), repo_id.hex())
+
+
 def _path(repo_id: bytes) -> str:
+    return os.path.join(entry_dir(repo_id), "security.json")
+
+
+def _legacy_path(repo_id: bytes) -> str:
+    # before the security dir, the serial was kept in the cache dir: still honoured
     return os.path.join(cache_dir(), repo_id.hex(), "security.json")
 
 
-def last_serial(repo_id: bytes) -> int:
-    """The highest manifest serial seen for this repository (0: never seen)."""
+@dataclass
+class Known:
+    mode: str = ""
+    fingerprint: str = ""
+    location: str = ""
+    serial: int = 0
+
+
+def _read(path: str) -> dict:
     try:
-        with open(_path(repo_id)) as f:
-            return int(json.load(f).get("serial", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
+        with open(path) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
-def check_serial(repo_id: bytes, serial: int, encrypted: bool) -> None:
-    """Refuse a manifest older than one this client has already seen."""
+def load(repo_id: bytes) -> Known | None:
+    """What this client knows about the repository; None: never seen (first contact)."""
+    d = _read(_path(repo_id))
+    legacy = _read(_legacy_path(repo_id))
+    if not d and not legacy:
+        return None
+    try:
+        serial = max(int(d.get("serial", 0)), int(legacy.get("serial", 0)))
+    except (TypeError, ValueError):
+        serial = 0
+    return Known(mode=str(d.get("mode", "")), fingerprint=str(d.get("fingerprint", "")),
+                 location=str(d.get("location", "")), serial=serial)
+
+
+def last_serial(repo_id: bytes) -> int:
+    """The highest authenticated manifest serial seen for this repository (0: never)."""
+    k = load(repo_id)
+    return k.serial if k else 0
+
+
+def check_identity(repo_id: bytes, known: Known | None, mode: str, fingerprint: str | None,
+                   location: str) -> None:
+    """Refuse a repository whose encryption mode or key is not the one seen before.
+
+    ``fingerprint`` is None before the key is loaded (the mode is judged first, so a
+    downgraded repository is refused before anything is read through it).
+    """
+    if known is None:
+        return
+    if known.mode and known.mode != mode:
+        raise EncryptionChanged(location, known.mode, mode, entry_dir(repo_id))
+    if fingerprint is not None and known.fingerprint and known.fingerprint != fingerprint:
+        raise KeyChanged(location, entry_dir(repo_id))
+
+
+def check_serial(repo_id: bytes, serial: int, location: str) -> None:
+    """Refuse an (authenticated) manifest older than one this client has already seen."""
     seen = last_serial(repo_id)
-    if encrypted and serial < seen:
-        raise IntegrityError(
-            f"manifest serial {serial} is older than the last seen ({seen}): the repository "
-            "was rolled back or replaced"
-        )
+    if serial < seen:
+        raise ManifestRolledBack(serial, seen, location, entry_dir(repo_id))
 
 
 @contextlib.contextmanager
@@ -57,16 +127,26 @@ def _locked(p: str) -> Iterator[None]:
         os.close(fd)
 
 
-def remember_serial(repo_id: bytes, serial: int) -> None:
+def remember(repo_id: bytes, *, mode: str | None = None, fingerprint: str | None = None,
+             location: str | None = None, serial: int | None = None) -> None:
+    """Record what was seen. Mode and fingerprint are set once (a change is refused
+    before this is called); the serial only ever grows."""
     p = _path(repo_id)
     try:
-        os.makedirs(os.path.dirname(p), exist_ok=True)
+        os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
         with _locked(p):
-            if serial <= last_serial(repo_id):
+            old = load(repo_id) or Known()
+            new = Known(mode=old.mode or (mode or ""),
+                        fingerprint=old.fingerprint or (fingerprint or ""),
+                        location=location if location is not None else old.location,
+                        serial=max(old.serial, serial or 0))
+            if new == old and os.path.exists(p):
                 return
             tmp = f"{p}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
-                json.dump({"serial": serial}, f)
+                json.dump(asdict(new), f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, p)
     except OSError:
         pass  # a read-only home must not stop a restore

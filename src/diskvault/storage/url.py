@@ -49,7 +49,9 @@ _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def mask(location: str) -> str:
-    """The location with any secret replaced, fit for messages and logs."""
+    """The location with any secret replaced, fit for messages, logs and archive
+    metadata. The one masking function: everything that prints or stores a location
+    (or a command line argument that may be one) passes it through here."""
     # greedy up to the last '@': a secret with a stray '@' is masked whole, too
     location = re.sub(r"^(s3:[^:@/]+:).*@", r"\1***@", location)
     return re.sub(r"^(sftp://[^:@/]+:)[^/]*@", r"\1***@", location)
@@ -65,14 +67,14 @@ def open_store(location: str, *, retry: bool = True) -> Store:
     elif location.startswith("file://"):
         path = location[len("file://") :]
         if not path:
-            raise UsageError(f"no path in {location!r}: {SYNTAX}")
+            raise UsageError(f"no path in {mask(location)!r}: {SYNTAX}")
         return LocalStore(unquote(path))
     elif (not location or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(/|$)", location)
           or location.startswith(("sftp:", "file:"))):
         raise UsageError(f"cannot understand repository location {mask(location)!r}: {SYNTAX}")
     elif re.match(r"[^/@]+@[^/:]+:", location):
         # Borg 1's scp-like "user@host:path" would silently become a local directory
-        raise UsageError(f"{location!r} looks like user@host:path; write "
+        raise UsageError(f"{mask(location)!r} looks like user@host:path; write "
                          f"sftp://user@host/path instead ({SYNTAX})")
     else:
         return LocalStore(location)
