@@ -77,7 +77,7 @@ def test_not_a_repository(tmp_path):
     r = dv("list", str(tmp_path), check=False)
     one_error_line(r, "is not a diskvault repository")
     r = dv("list", str(tmp_path / "missing"), check=False)
-    one_error_line(r, "is not a diskvault repository")
+    one_error_line(r, f"{tmp_path / 'missing'} does not exist")
 
 
 def test_init_twice(repo):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from ..crypto.passphrase import get_passphrase
+from ..crypto.passphrase import check_new_passphrase, get_passphrase
 from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
@@ -59,8 +59,9 @@ def expand_placeholders(name: str) -> str:
 
 
 def passphrase_fn(creating: bool) -> str:
-    return get_passphrase("Enter new passphrase: " if creating else "Enter passphrase: ",
-                          confirm=creating)
+    if creating:
+        return check_new_passphrase(get_passphrase("Enter new passphrase: ", confirm=True))
+    return get_passphrase("Enter passphrase: ")
 
 
 def passphrase_is_set() -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..repository.repo import DEFAULT_PACK_SIZE, Repository
-from ..storage.url import open_store
+from ..repository.repo import DEFAULT_PACK_SIZE, Repository, keyfile_path
+from ..storage.url import mask, open_store
 from .common import parse_size, passphrase_fn, split_location
 
 
@@ -28,9 +28,20 @@ def run(args: argparse.Namespace) -> int:
     repo = Repository.init(store, args.encryption, passphrase_fn,
                            append_only=args.append_only, pack_size=args.pack_size)
     repo.close()
-    if args.encryption == "keyfile":
-        from ..repository.repo import keyfile_path
-
-        print(f"Key file written to {keyfile_path(repo.id)} — keep a copy "
-              "('diskvault key export'): without it the backups cannot be read.")
+    print(key_backup_advice(args.encryption, mask(repo_loc), keyfile_path(repo.id)))
     return 0
+
+
+def key_backup_advice(encryption: str, location: str, keyfile: str) -> str:
+    """What init tells the user about keeping the key (Borg users expect it)."""
+    if encryption == "none":
+        return (f"Repository {location} created, not encrypted: whoever can read its "
+                "storage can read the backups.")
+    where = (f"The key is in the key file {keyfile}" if encryption == "keyfile"
+             else "The key is stored in the repository")
+    lost = ("if this computer is lost" if encryption == "keyfile"
+            else "if the repository's key object is damaged")
+    return (f"{where}, protected by your passphrase. Keep a copy of it away from the "
+            f"repository: diskvault key export {location} FILE (or --paper to print it). "
+            f"Without the key and the passphrase nobody can read the backups, you neither: "
+            f"{lost}, the copy and the passphrase are the only way back.")

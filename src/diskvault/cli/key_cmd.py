@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..crypto.passphrase import get_passphrase
+from ..crypto.passphrase import get_replacement_passphrase
 from ..errors import UsageError
 from ..repository.keymanage import change_passphrase, export_text, import_key, load_key_blob
 from ..repository.lock import SHARED, Lock
@@ -76,11 +76,6 @@ def run_change(args: argparse.Namespace) -> int:
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         if repo.encryption == "none":
             raise UsageError("this repository is not encrypted: it has no passphrase")
-        new = os.environ.get("DISKVAULT_NEW_PASSPHRASE")
-        if new is None:
-            if not sys.stdin.isatty():
-                raise UsageError("set DISKVAULT_NEW_PASSPHRASE or run in a terminal")
-            new = get_passphrase("Enter new passphrase: ", confirm=True)
-        where = change_passphrase(repo, new)
+        where = change_passphrase(repo, get_replacement_passphrase())
     print(f"passphrase changed: {where}")
     return 0

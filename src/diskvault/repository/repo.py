@@ -123,6 +123,8 @@ class Repository:
              append_only: bool = False, pack_size: int = DEFAULT_PACK_SIZE) -> Repository:
         if encryption not in ENCRYPTION_MODES:
             raise UsageError(f"unknown encryption mode {encryption!r}: use none, repokey, keyfile")
+        # the passphrase first: refusing it (empty, mismatch) must leave nothing behind
+        passphrase = passphrase_fn(True) if encryption != "none" else ""
         store.create()
         repo_id = os.urandom(32)
         km = KeyMaterial.generate()
@@ -130,8 +132,9 @@ class Repository:
                   "append_only": append_only, "pack_size": pack_size, "created": time.time()}
         if encryption == "none":
             config["id_key"] = km.id_key  # not secret without encryption; ids are checksums
+            km = KeyMaterial(enc_key=b"", id_key=km.id_key)  # as _load_key gives it
         else:
-            blob = wrap_key(km, repo_id, passphrase_fn(True))
+            blob = wrap_key(km, repo_id, passphrase)
             if encryption == "repokey":
                 store.store("keys/repokey", blob)
             else:
