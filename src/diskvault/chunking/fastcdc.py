@@ -4,7 +4,8 @@ Keyed (format version 2): with the public gear table, the cut points of known co
 are public too, so the chunk sizes an observer of the storage sees fingerprint it.
 A secret seed (crypto/ids.py chunker_seed) XORed into every gear-table entry makes the
 cut points depend on the repository's key. pyfastcdc does this in C while building
-the table: the chunking speed is unchanged (measured ~3 GB/s either way).
+the table: the chunking speed is unchanged (measured: pyfastcdc alone ~3 GB/s, this
+chunker with its copies ~0.85-1 GB/s per core, seeded or not).
 """
 
 from __future__ import annotations
