@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -74,13 +75,15 @@ def _run_on_tty(args: list[str], env: dict, answers: list[tuple[bytes, bytes]]
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal and stdin
         os.execve(sys.executable, [sys.executable, DV_ENTRY, *args], {**os.environ, **env})
-    out = b""
+    out, seen = b"", 0  # seen: where the output after the last answered prompt starts
     deadline = time.monotonic() + 120
+    ended = False
     try:
         while time.monotonic() < deadline:
-            if answers and answers[0][0] in out:
-                os.write(fd, answers.pop(0)[1])
-                out = out.replace(b"\r", b"")  # keep the prompt seen; look for the next
+            if answers and answers[0][0] in out[seen:]:
+                prompt, answer = answers.pop(0)
+                seen = out.index(prompt, seen) + len(prompt)
+                os.write(fd, answer)  # the prompt is shown: echo is off, input not flushed
                 continue
             ready, _, _ = select.select([fd], [], [], 1.0)
             if not ready:
@@ -88,11 +91,14 @@ def _run_on_tty(args: list[str], env: dict, answers: list[tuple[bytes, bytes]]
             try:
                 b = os.read(fd, 4096)
             except OSError:  # EIO: the child closed the terminal
-                break
+                b = b""
             if not b:
+                ended = True
                 break
             out += b
     finally:
+        if not ended:
+            os.kill(pid, signal.SIGKILL)  # hung on a prompt never answered
         os.close(fd)
         status = os.waitpid(pid, 0)[1]
     assert not answers, f"prompts not seen: {answers!r} in {out!r}"
