@@ -143,7 +143,8 @@ def remember(repo_id: bytes, *, mode: str | None = None, fingerprint: str | None
             if new == old and os.path.exists(p):
                 return
             tmp = f"{p}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                           "w") as f:
                 json.dump(asdict(new), f)
                 f.flush()
                 os.fsync(f.fileno())
