@@ -193,3 +193,21 @@ def test_rollback_error_says_what_to_do(victim, tmp_path):
     r = dv("list", "--format", "{archive}{NL}", path, env=env)
     assert r.stdout.decode().split() == ["a1"]
     assert dv("extract", "--stdout", f"{path}::a1", env=env).stdout == data
+
+
+def test_serial_of_older_clients_in_the_cache_dir_is_still_honoured():
+    from diskvault.errors import ManifestRolledBack
+    from diskvault.repository import security
+
+    repo_id = os.urandom(32)
+    legacy = os.path.join(os.environ["DISKVAULT_CACHE_DIR"], repo_id.hex())
+    os.makedirs(legacy)
+    with open(os.path.join(legacy, "security.json"), "w") as f:
+        json.dump({"serial": 40}, f)  # what diskvault kept before the security dir
+    with pytest.raises(ManifestRolledBack, match="older than the last seen"):
+        security.check_serial(repo_id, 39, "repo")
+    security.check_serial(repo_id, 40, "repo")
+    security.remember(repo_id, mode="repokey", fingerprint="f" * 32, location="repo",
+                      serial=41)
+    security.remember(repo_id, serial=12)  # a serial never goes down
+    assert security.load(repo_id) == security.Known("repokey", "f" * 32, "repo", 41)
