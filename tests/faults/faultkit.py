@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 
 from diskvault.archive.create import CreateOptions, create_archive
@@ -12,7 +13,7 @@ from diskvault.archive.view import ArchiveView
 from diskvault.chunking.base import ChunkerParams
 from diskvault.errors import IntegrityError
 from diskvault.repository.lock import SHARED
-from diskvault.repository.repo import Repository
+from diskvault.repository.repo import RandomBytes, Repository
 from diskvault.source.content import DATA, StreamContent
 from diskvault.source.paths import Meta, Source
 from diskvault.storage.base import Store
@@ -26,13 +27,17 @@ def passphrase(_creating: bool) -> str:
 
 
 def new_repo(store: Store, encryption: str = "repokey", pack_size: int = 64 << 10,
-             append_only: bool = False) -> Repository:
+             append_only: bool = False, random_bytes: RandomBytes = os.urandom) -> Repository:
+    """``random_bytes``: e.g. ``random.Random(seed).randbytes`` — keys, ids and session ids
+    (and so pack names and contents) then repeat from run to run."""
     return Repository.init(store, encryption, passphrase, append_only=append_only,
-                           pack_size=pack_size)
+                           pack_size=pack_size, random_bytes=random_bytes)
 
 
-def reopen(store: Store, lock: str | None = SHARED, tolerate: bool = True) -> Repository:
-    return Repository.open(store, passphrase, lock=lock, lock_wait=5.0, tolerate_damage=tolerate)
+def reopen(store: Store, lock: str | None = SHARED, tolerate: bool = True,
+           random_bytes: RandomBytes = os.urandom) -> Repository:
+    return Repository.open(store, passphrase, lock=lock, lock_wait=5.0, tolerate_damage=tolerate,
+                           random_bytes=random_bytes)
 
 
 def make_files(rng: random.Random, n: int, size: int, shared: bytes = b"") -> dict[str, bytes]:

@@ -68,11 +68,15 @@ class AesGcmCipher(Cipher):
     suite = SUITE_AES256GCM
     HEADER = 1 + 16 + 8
 
-    def __init__(self, master_key: bytes) -> None:
+    def __init__(self, master_key: bytes, session: bytes | None = None) -> None:
+        """``session``: this writer's random id (default: fresh from os.urandom); only a
+        test replaying a seeded case passes one — a repeated id repeats nonces."""
         if len(master_key) != 32:
             raise ValueError("master key must be 32 bytes")
         self._master = master_key
-        self._session = os.urandom(16)
+        self._session = os.urandom(16) if session is None else session
+        if len(self._session) != 16:
+            raise ValueError("session id must be 16 bytes")
         self._counter = itertools.count(1)  # next() is atomic under the GIL
         self._seal_aead = AESGCM(self._derive(self._session))
         self._open_cache: dict[bytes, AESGCM] = {}

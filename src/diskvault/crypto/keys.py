@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -31,8 +32,8 @@ class KeyMaterial:
     id_key: bytes  # BLAKE3 key for chunk ids
 
     @classmethod
-    def generate(cls) -> KeyMaterial:
-        return cls(enc_key=os.urandom(32), id_key=os.urandom(32))
+    def generate(cls, random_bytes: Callable[[int], bytes] = os.urandom) -> KeyMaterial:
+        return cls(enc_key=random_bytes(32), id_key=random_bytes(32))
 
     def fingerprint(self) -> str:
         """A one-way fingerprint of the key material, to recognise the key again

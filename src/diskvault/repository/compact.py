@@ -108,7 +108,9 @@ def compact(repo: Repository, referenced: IdSet, archive_ids: set[bytes],
         for seg, size in segments.items():  # 3
             st.bytes_freed += _delete(repo, seg, size)
             st.segments_replaced += 1
-        for p in gone - early:  # 4
+        # packs are named by their content: never delete a name step 1 just wrote
+        written = {loc.pack for _, loc in moved}
+        for p in gone - early - written:  # 4
             st.bytes_freed += _delete(repo, pack_key(p), plan.sizes[p])
             st.packs_deleted += p not in repacked
     for n in garbage_meta:  # 5

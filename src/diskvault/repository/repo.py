@@ -71,6 +71,10 @@ READABLE_VERSIONS = (1, 2)
 ENCRYPTION_MODES = ("none", "repokey", "keyfile")
 DEFAULT_PACK_SIZE = 32 << 20
 PassphraseFn = Callable[[bool], str]  # argument: True when creating (confirm)
+# Where the repository's random ids come from (repo id, keys, session ids, archive ids,
+# index segment names). Always os.urandom, except in tests that replay a seeded case in
+# process: session ids keep AES-GCM nonces unique, so nothing else may pass another.
+RandomBytes = Callable[[int], bytes]
 
 
 def _is_key(v: object) -> bool:
@@ -86,8 +90,10 @@ def keyfile_path(repo_id: bytes) -> str:
 
 
 class Repository:
-    def __init__(self, store: Store, config: dict, config_raw: bytes, km: KeyMaterial) -> None:
+    def __init__(self, store: Store, config: dict, config_raw: bytes, km: KeyMaterial,
+                 random_bytes: RandomBytes = os.urandom) -> None:
         self.store = store
+        self.random_bytes = random_bytes
         self.config = config
         self.config_hash = blake3.blake3(config_raw).digest()
         self.id: bytes = config["repo_id"]
@@ -100,7 +106,8 @@ class Repository:
         self.manifest_problem: tuple[str, str] | None = None  # (kind, message)
         self.index_problems: list[str] = []
         self.toc_packs: set[str] = set()
-        cipher: Cipher = PlainCipher() if self.encryption == "none" else AesGcmCipher(km.enc_key)
+        cipher: Cipher = (PlainCipher() if self.encryption == "none"
+                          else AesGcmCipher(km.enc_key, session=random_bytes(16)))
         self.id_hash = IdHasher(km.id_key)
         self.codec = ObjectCodec(cipher, self.id_hash, Compression.parse("lz4"))
         self.key = km
@@ -120,14 +127,15 @@ class Repository:
 
     @classmethod
     def init(cls, store: Store, encryption: str, passphrase_fn: PassphraseFn,
-             append_only: bool = False, pack_size: int = DEFAULT_PACK_SIZE) -> Repository:
+             append_only: bool = False, pack_size: int = DEFAULT_PACK_SIZE,
+             random_bytes: RandomBytes = os.urandom) -> Repository:
         if encryption not in ENCRYPTION_MODES:
             raise UsageError(f"unknown encryption mode {encryption!r}: use none, repokey, keyfile")
         # the passphrase first: refusing it (empty, mismatch) must leave nothing behind
         passphrase = passphrase_fn(True) if encryption != "none" else ""
         store.create()
-        repo_id = os.urandom(32)
-        km = KeyMaterial.generate()
+        repo_id = random_bytes(32)
+        km = KeyMaterial.generate(random_bytes)
         config = {"version": FORMAT_VERSION, "repo_id": repo_id, "encryption": encryption,
                   "append_only": append_only, "pack_size": pack_size, "created": time.time()}
         if encryption == "none":
@@ -145,7 +153,7 @@ class Repository:
                     f.write(keyfile_text(blob, repo_id))
         raw = msgpack.packb(config)
         store.store("config", raw)
-        repo = cls(store, config, raw, km)
+        repo = cls(store, config, raw, km, random_bytes)
         security.remember(repo_id, mode=encryption, fingerprint=km.fingerprint(),
                           location=store.location)
         repo.manifest = Manifest(config_hash=repo.config_hash)
@@ -173,7 +181,8 @@ class Repository:
 
     @classmethod
     def open(cls, store: Store, passphrase_fn: PassphraseFn, lock: str | None = SHARED,
-             lock_wait: float = 1.0, tolerate_damage: bool = False) -> Repository:
+             lock_wait: float = 1.0, tolerate_damage: bool = False,
+             random_bytes: RandomBytes = os.urandom) -> Repository:
         """Open with a lock. ``tolerate_damage``: a missing, damaged or rolled-back
         manifest does not fail (``check`` reports it, ``check --repair`` rebuilds it);
         ``manifest_problem`` says what is wrong and ``manifest`` is then empty."""
@@ -189,7 +198,7 @@ class Repository:
             raise UnencryptedWithKeyfile(store.location, keyfile_path(repo_id))
         km = cls._load_key(store, config, passphrase_fn)
         security.check_identity(repo_id, known, mode, km.fingerprint(), store.location)
-        repo = cls(store, config, raw, km)
+        repo = cls(store, config, raw, km, random_bytes)
         repo.first_contact = known is None
         # check and repair judge the repository itself, never a local copy of it
         repo.cache.enabled = repo.cache.enabled and not tolerate_damage
@@ -396,7 +405,7 @@ class Repository:
 
     def store_archive_meta(self, meta: dict) -> bytes:
         """Store archive metadata under a new random id (its AAD); return the id."""
-        archive_id = os.urandom(32)
+        archive_id = self.random_bytes(32)
         self.store.store(f"archives/{archive_id.hex()}",
                          self.codec.seal(archive_id, msgpack.packb(meta)))
         return archive_id
@@ -502,7 +511,7 @@ class Repository:
         return ChunkWriter(self, upload_threads)
 
     def write_index_segment(self, idx: ChunkIndex) -> str:
-        name = f"index/{os.urandom(16).hex()}"
+        name = f"index/{self.random_bytes(16).hex()}"
         self.store.store(name, self.codec.seal(name.encode(), idx.to_bytes()))
         return name
 
