@@ -12,7 +12,12 @@ Item paths (``extract REPO::ARCHIVE disk/part2`` gives one partition image):
   map (free blocks are ``unused`` extents: never read or stored) and a note when the map
   was not applied. An MBR extended container is no item: its EBRs are table items, its
   logical partitions are partitions, and the rest of it is gaps.
-- ``disk/gap-<byte offset>``: unpartitioned bytes, read whole (boot loaders live there)
+- ``disk/gap-<byte offset>``: unpartitioned bytes. Read whole where boot loaders live:
+  everything before the first partition, and gaps of up to ``KEEP_GAP`` (1 MiB, the
+  usual alignment slack). Larger unallocated regions — the stale tail after the last
+  partition of a disk that was re-partitioned smaller, say — are ``unused`` (neither read
+  nor stored; a restore makes them zeros or holes) unless ``keep_unpartitioned``; the
+  item's note says which.
 - ``disk/whole``: a disk without a partition table (a bare filesystem), source ``disk``
 
 The archive metadata ``disk`` describes the disk (identity, size, sector size, table
@@ -27,6 +32,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from ..blockmap.base import BlockMap
 from ..errors import ArchiveExists, DiskError, SourceError
 from ..repository.repo import Repository
 from ..source.content import SeekableContent
@@ -45,6 +51,13 @@ from .model import Item
 
 DISK_FORMAT = 1  # version of the "disk" metadata and of the item layout above
 ITEM_MODE = 0o100600  # disk contents are as private as the disk
+# gaps up to this size are stored even after the first partition: alignment slack where
+# boot loaders (GRUB's core.img on MBR disks, vendor tools) may live; larger ones are
+# unallocated space, whose old contents are usually only stale data
+KEEP_GAP = 1 << 20
+UNPARTITIONED_UNUSED = ("unpartitioned space: not stored, restored as zeros "
+                        "(--keep-unpartitioned stores it)")
+UNPARTITIONED_KEPT = "unpartitioned space: stored (--keep-unpartitioned)"
 
 
 @dataclass
@@ -124,6 +137,7 @@ class DiskPlan:
     table: PartitionTable
     items: list[PlannedItem]
     warnings: list[str]
+    keep_unpartitioned: bool = False
 
     def disk_meta(self) -> dict:
         t, src = self.table, self.source
@@ -139,7 +153,7 @@ class DiskPlan:
             "size": src.size, "sector_size": t.sector_size, "label": t.label,
             "disk_id": t.disk_id, "partitions": parts,
             "regions": [{"what": r.what, "start": r.start, "size": r.size} for r in t.regions],
-            "notes": list(t.notes),
+            "notes": list(t.notes), "keep_unpartitioned": self.keep_unpartitioned,
         }
 
 
@@ -152,10 +166,12 @@ def segment_path(seg: Segment, sector_size: int) -> str:
     return f"disk/gap-{seg.start}"
 
 
-def plan_backup(src: DiskSource, skip_unused: bool = True) -> DiskPlan:
+def plan_backup(src: DiskSource, skip_unused: bool = True,
+                keep_unpartitioned: bool = False) -> DiskPlan:
     """Read the table and every partition's block map; decide what each item reads.
 
     Nothing of the content is read yet: the plan is cheap, and a bad table fails here.
+    ``keep_unpartitioned``: store large unallocated gaps too (see the module head).
     """
     table = src.read_table()
     segments = [Segment("whole", 0, src.size)] if table.label is None else layout(table)
@@ -164,14 +180,21 @@ def plan_backup(src: DiskSource, skip_unused: bool = True) -> DiskPlan:
                       writable_mounts(src.path, [(s.start, s.size) for s in mapped]),
                       strict=True))
     items, warnings = [], []
+    first_part = min((s.start for s in segments if s.kind == "partition"), default=src.size)
     for seg in segments:
         in_use = mounts.get((seg.start, seg.size))
         planned = _plan_segment(src, table, seg, skip_unused, in_use)
+        if seg.kind == "gap" and seg.start >= first_part and seg.size > KEEP_GAP:
+            if keep_unpartitioned:
+                planned.item.note = UNPARTITIONED_KEPT
+            else:
+                planned.item.note = UNPARTITIONED_UNUSED
+                planned.content.blockmap = BlockMap.nothing_used(seg.size, "unpartitioned")
         if in_use:
             warnings.append(f"{src.path}: {planned.item.path} is {planned.item.note} "
                             "(back up a snapshot or an unmounted disk for a consistent copy)")
         items.append(planned)
-    return DiskPlan(src, table, items, warnings)
+    return DiskPlan(src, table, items, warnings, keep_unpartitioned)
 
 
 def _plan_segment(src: DiskSource, table: PartitionTable, seg: Segment, skip_unused: bool,

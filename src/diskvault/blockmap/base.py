@@ -80,6 +80,11 @@ class BlockMap:
         bits = np.zeros(packed_len(size // block_size), dtype=np.uint8)
         return cls(fs_type, size, block_size, bits)
 
+    @classmethod
+    def nothing_used(cls, size: int, fs_type: str) -> BlockMap:
+        """Every byte free: one block as large as the range (no bitmap to speak of)."""
+        return cls(fs_type, size, max(size, 1), np.zeros(1, dtype=np.uint8))
+
     def mark_used(self, first_block: int, count: int) -> None:
         first_block = max(0, first_block)
         count = min(count, self.nblocks - first_block)

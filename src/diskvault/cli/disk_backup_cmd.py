@@ -43,6 +43,9 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
                    help="the disk with this serial (or WWID; see `diskvault disk list`)")
     p.add_argument("--no-skip-unused", dest="skip_unused", action="store_false",
                    help="read and store free filesystem blocks too (default: skip them)")
+    p.add_argument("--keep-unpartitioned", action="store_true",
+                   help="store unallocated space after the first partition too (default: "
+                   "gaps larger than 1 MiB are not stored and restore as zeros)")
     p.add_argument("--chunker-params", type=ChunkerParams.parse, default=None,
                    metavar="PARAMS", help="fixed,SIZE[,HEADER] (default fixed,4194304) or "
                    "fastcdc,MIN,AVG,MAX")
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                          progress=progress)
     src = DiskSource.open(path)
     try:
-        plan = plan_backup(src, skip_unused=args.skip_unused)
+        plan = plan_backup(src, skip_unused=args.skip_unused,
+                           keep_unpartitioned=args.keep_unpartitioned)
         for w in plan.warnings:  # before the long read, so the user can still stop it
             sys.stderr.write(f"diskvault: warning: {w}\n")
         with open_repo(repo_loc, WRITE, args.lock_wait) as repo:

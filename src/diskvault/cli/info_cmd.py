@@ -111,7 +111,7 @@ def format_disk_items(items: list[Item]) -> list[str]:
     Items that are neither (plain archives) are shown when a filesystem was found on
     them (``create --skip-unused``); other items are not worth a line each.
     """
-    lines, rest, n_rest = [], dict.fromkeys(_FIGURES, 0), 0
+    lines, rest, n_rest, noted = [], dict.fromkeys(_FIGURES, 0), 0, []
     for i in items:
         if i.extents is None:
             continue
@@ -120,6 +120,8 @@ def format_disk_items(items: list[Item]) -> list[str]:
             rest["total"] += i.size
             for k in _FIGURES[1:]:
                 rest[k] += (i.stats or {}).get(k, 0)
+            if i.note:  # large unpartitioned gaps: stored or not (--keep-unpartitioned)
+                noted.append(f"      {i.path} ({fmt_size(i.size)}): {i.note}")
             continue
         if i.partition is None and not i.fs and i.source != "disk":
             continue
@@ -128,6 +130,7 @@ def format_disk_items(items: list[Item]) -> list[str]:
                      + (f"\n      note: {i.note}" if i.note else ""))
     if n_rest:
         lines.append(f"  partition table and gaps ({n_rest} items): " + _figures(rest))
+        lines += noted
     return lines
 
 

@@ -98,7 +98,7 @@ class AesGcmCipher(Cipher):
                                      memoryview(out)[self.HEADER :])
         return out
 
-    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
+    def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytearray:
         mv = memoryview(sealed)
         if len(mv) < self.HEADER + TAG_LEN or mv[0] != SUITE_AES256GCM:
             raise IntegrityError(f"{what}: damaged object header")
