@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 
 from ..archive.create import CreateOptions, CreateStats, create_archive
 from ..chunking.base import ChunkerParams
 from ..errors import ArchiveExists, UsageError
 from ..repository.compression import Compression
-from ..source.paths import CommandSource, SourceOptions, stdin_source, walk
+from ..source.paths import CommandSource, Source, SourceOptions, stdin_source, walk
 from .common import (
     WRITE,
     Progress,
@@ -78,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         if name in repo.manifest.archives:  # before a command starts or a byte is read
             raise ArchiveExists(name)
+        warnings: list[str] = []
         if args.content_from_command:
             sources = iter([CommandSource(args.paths, args.stdin_name, args.stdin_mode).source])
         else:
-            sources = _sources(args, sopts)
+            sources = _warn(_sources(args, sopts), warnings)
         meta, stats = create_archive(repo, name, sources, opts)
     if opts.progress:
         opts.progress.done()  # type: ignore[attr-defined]
@@ -91,7 +93,16 @@ def run(args: argparse.Namespace) -> int:
                           "dry_run": args.dry_run}, indent=2))
     elif args.stats:
         print_stats(name, stats, sys.stdout)
-    return 0
+    return 1 if warnings else 0
+
+
+def _warn(sources: Iterator[Source], warnings: list[str]) -> Iterator[Source]:
+    """Say what a source needs said as it is opened, before its content is read."""
+    for src in sources:
+        if src.warning:
+            sys.stderr.write(f"diskvault: warning: {src.warning}\n")
+            warnings.append(src.warning)
+        yield src
 
 
 def _sources(args: argparse.Namespace, sopts: SourceOptions):

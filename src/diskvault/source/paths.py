@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..blockmap.base import BlockMap
-from ..errors import SourceError
+from ..errors import DiskvaultError, SourceError
 from .content import Content, SeekableContent, StreamContent
 from .reader import FileRangeReader
 
@@ -64,6 +64,7 @@ class Source:
     item: Meta
     content: Content | None = None
     close: Callable[[], None] | None = None
+    warning: str | None = None  # what the user should hear now (the CLI prints it)
 
 
 def archive_path(path: str) -> str:
@@ -143,7 +144,32 @@ def walk(paths: list[str], opts: SourceOptions) -> Iterator[Source]:
             raise SourceError(f"{p}: no such file or directory") from None
         except OSError as e:
             raise SourceError(f"{p}: {e.strerror}") from None
-        yield from _walk_one(p, st, opts, hardlinks, root_dev=st.st_dev)
+        warning = None if opts.read_special else _only_the_node(p, st)
+        for src in _walk_one(p, st, opts, hardlinks, root_dev=st.st_dev):
+            src.warning, warning = src.warning or warning, None
+            yield src
+
+
+_SPECIAL = {stat.S_IFBLK: "block device", stat.S_IFCHR: "character device",
+            stat.S_IFIFO: "FIFO"}
+
+
+def _only_the_node(path: str, st: os.stat_result) -> str | None:
+    """A named device, FIFO or symlink to one is stored as a node without
+    --read-special, like Borg does; users who name /dev/sda expect its content."""
+    link = stat.S_ISLNK(st.st_mode)
+    if link:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+    kind = _SPECIAL.get(stat.S_IFMT(st.st_mode))
+    if kind is None:
+        return None
+    return (f"{path} is {'a symlink to ' if link else ''}a {kind}: only the "
+            f"{'symlink' if link else 'node'} was stored, not the content "
+            "(--read-special reads the content"
+            + ("; 'disk backup' backs up a whole disk)" if kind == "block device" else ")"))
 
 
 def _walk_one(path: str, st: os.stat_result, opts: SourceOptions,
@@ -228,12 +254,30 @@ def _open_seekable(path: str, item: Meta, is_block: bool, skip_unused: bool = Fa
     except OSError:
         pass
     content = SeekableContent(fd, size, what=path, holes=not is_block)
+    warning = None
     if skip_unused and size >= MIN_FS_SIZE:
         content.blockmap, item.fs, item.note = filesystem_map(fd, 0, size)
         if content.blockmap is not None and (mounts := writable_mounts(path, [(0, size)])[0]):
             content.blockmap = None
             item.note = mounted_note(mounts)
-    return Source(item, content, lambda: os.close(fd))
+        elif item.fs is None and (label := _partition_label(fd, size, is_block)):
+            item.note = f"holds a {label} partition table, not a filesystem: all blocks read"
+            warning = (f"{path} holds a {label} partition table: --skip-unused only skips "
+                       "the free space of a filesystem, so every block was read; "
+                       "'diskvault disk backup' skips the free space of each partition")
+    return Source(item, content, lambda: os.close(fd), warning)
+
+
+def _partition_label(fd: int, size: int, is_block: bool) -> str | None:
+    """"GPT" or "MBR" if the content is a partitioned disk, else None."""
+    from .partitions import device_sector_size, parse_table
+
+    try:
+        ss = device_sector_size(fd) if is_block else None
+        label = parse_table(FileRangeReader(fd, 0, size), ss).label
+    except (DiskvaultError, OSError):
+        return None  # a damaged table: no advice is better than a wrong one
+    return {"gpt": "GPT", "dos": "MBR"}.get(label or "")
 
 
 # smaller files hold no filesystem worth a block map: not even probed (a tree of small
