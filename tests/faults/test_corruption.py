@@ -2,8 +2,11 @@
 metadata and the manifest — 100 seeded cases, in process on MemoryStore.
 
 Reproducible: the repositories' keys, ids and session ids come from seeded generators
-(``random_bytes``), so pack names and contents — and with them which object a case
-damages — are the same on every run; ``-m slow`` runs the sweep over more seeds.
+(``random_bytes``), so chunk ids, archive ids and index segment names are the same on
+every run, and so are the packs of the unencrypted repository, byte for byte. Encrypted
+packs differ in their nonce counters (worker threads seal concurrently), so packs are
+chosen by the chunk ids they hold, not by name: every case damages the same object on
+every run. ``-m slow`` runs the sweep over more seeds.
 
 For every case: ``check --verify-data`` detects it and names what is affected (every
 item that cannot be restored, with exactly the byte ranges that fail); no restore ever
@@ -24,6 +27,7 @@ from diskvault.archive.check import CheckOptions, run_check
 from diskvault.archive.repair import repair
 from diskvault.errors import IntegrityError
 from diskvault.repository.lock import EXCLUSIVE
+from diskvault.repository.pack import read_toc
 from diskvault.storage.memory import MemoryStore
 
 CASES = 100
@@ -36,8 +40,11 @@ TAIL_CASES = 10
 TAIL = 48
 
 
-def _base(encryption: str, tmp_path, seed: int = 0
-          ) -> tuple[dict[str, bytes], dict[str, dict[str, bytes]]]:
+Base = tuple[dict[str, bytes], dict[str, dict[str, bytes]], dict[str, bytes]]
+
+
+def _base(encryption: str, tmp_path, seed: int = 0) -> Base:
+    """The repository's objects, the archives' files, and each pack's chunk ids."""
     os.environ["DISKVAULT_CACHE_DIR"] = str(tmp_path / f"cache-base-{encryption}-{seed}")
     rng = random.Random(encryption if seed == 0 else f"{encryption}-{seed}")
     store = MemoryStore()
@@ -49,8 +56,11 @@ def _base(encryption: str, tmp_path, seed: int = 0
         files = make_files(rng, 3, 96 << 10, shared)
         backup(repo, f"a{n}", files)
         archives[f"a{n}"] = files
+    packs = {k: b"".join(e.id for e in read_toc(store.load, k.rsplit("/", 1)[-1], len(v),
+                                                    repo.codec))
+             for k, v in store.data.items() if k.startswith("packs/")}
     repo.close()
-    return dict(store.data), archives
+    return dict(store.data), archives, packs
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +69,11 @@ def bases(tmp_path_factory):
     return {e: _base(e, d) for e in ("repokey", "none")}
 
 
-def _damage(data: dict[str, bytes], rng: random.Random, target: str, how: str) -> str:
-    names = sorted(n for n in data if n == target or n.startswith(target + "/"))
+def _damage(data: dict[str, bytes], rng: random.Random, target: str, how: str,
+            packs: dict[str, bytes]) -> str:
+    # packs in the order of the chunk ids they hold: the same on every run
+    names = sorted((n for n in data if n == target or n.startswith(target + "/")),
+                   key=lambda n: packs.get(n) or n.encode())
     name = rng.choice(names)
     v = data[name]
     if how == "delete":
@@ -115,7 +128,7 @@ def _run_case(i: int, bases, tmp_path, tally: Counter, seed: int = 0) -> None:
     rng = random.Random(i if seed == 0 else f"{seed}-{i}")
     ids = random.Random(f"ids-{seed}-{i}").randbytes
     encryption = "repokey" if i % 2 else "none"
-    base, archives = bases[encryption]
+    base, archives, packs = bases[encryption]
     os.environ["DISKVAULT_CACHE_DIR"] = str(tmp_path / f"cache{seed}-{i}")
     if i < CASES:
         target, how = TARGETS[i % len(TARGETS)], DAMAGE[(i // len(TARGETS)) % len(DAMAGE)]
@@ -124,7 +137,7 @@ def _run_case(i: int, bases, tmp_path, tally: Counter, seed: int = 0) -> None:
     store = MemoryStore()
     store.create()
     store.data = dict(base)
-    damaged = _damage(store.data, rng, target, how)
+    damaged = _damage(store.data, rng, target, how, packs)
     case = f"case {i} (seed {seed}): {how} {damaged} ({encryption})"
 
     repo = reopen(store, lock=None, random_bytes=ids)
