@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import msgpack
+
 from ..chunking.fastcdc import FastCdcChunker
 from ..errors import IntegrityError
-from .model import Item, pack_items, unpack_items
+from .model import Item, item_from_value, pack_items
 
 _CUT = (64 << 10, 256 << 10, 1 << 20)
+# One item's packed metadata may not exceed this: an extent list of 6.5 M data chunks,
+# a 26 TiB device in 4 MiB chunks. The reader holds at most this much undecoded data
+# plus one metadata chunk, however long or repetitive the chunk list is.
+MAX_ITEM_META = 256 << 20
+_FEED = 1 << 20  # bytes fed to the decoder at a time
 
 
 def write_item_stream(items: list[Item], store_chunk: Callable[[bytes], bytes],
@@ -35,7 +42,31 @@ def write_item_stream(items: list[Item], store_chunk: Callable[[bytes], bytes],
 
 def read_item_stream(chunk_ids: list[bytes], get_chunk: Callable[[bytes], bytes]
                      ) -> Iterator[Item]:
-    if not isinstance(chunk_ids, list):
+    """Decode the items chunk by chunk, never joining the chunks.
+
+    The chunk list comes from the repository: it may name one huge chunk many times. So
+    items are decoded as they complete and the undecoded rest is bounded by
+    ``MAX_ITEM_META`` (msgpack refuses to buffer more): memory stays at one chunk plus
+    one item, not the sum of all chunks.
+    """
+    if not isinstance(chunk_ids, list) or not all(isinstance(c, bytes) for c in chunk_ids):
         raise IntegrityError("archive item list is malformed")
-    data = b"".join(get_chunk(bytes(c)) for c in chunk_ids)
-    yield from unpack_items(data)
+    u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=MAX_ITEM_META,
+                         unicode_errors="surrogateescape")
+    fed = 0
+    try:
+        for cid in chunk_ids:
+            data = memoryview(get_chunk(cid))
+            for pos in range(0, len(data), _FEED):
+                u.feed(data[pos : pos + _FEED])
+                for value in u:
+                    yield item_from_value(value)
+            fed += len(data)
+            del data
+        if u.tell() != fed:
+            raise IntegrityError("archive item stream is truncated")
+    except msgpack.BufferFull:
+        raise IntegrityError(f"archive item stream: an item's metadata exceeds "
+                             f"{MAX_ITEM_META >> 20} MiB") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # TypeError: a map as key
+        raise IntegrityError(f"archive item stream is malformed ({e})") from None

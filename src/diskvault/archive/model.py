@@ -141,14 +141,19 @@ def pack_items(items: list[Item]) -> bytes:
                     for i in items)
 
 
+def item_from_value(d: object) -> Item:
+    """One decoded msgpack value of an item stream as an Item (IntegrityError if not one)."""
+    if not isinstance(d, dict):
+        raise IntegrityError("archive item stream is malformed")
+    return Item.from_dict(d)
+
+
 def unpack_items(data: bytes) -> Iterator[Item]:
     u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 30,
                          unicode_errors="surrogateescape")
     u.feed(data)
     try:
         for d in u:
-            if not isinstance(d, dict):
-                raise IntegrityError("archive item stream is malformed")
-            yield Item.from_dict(d)
+            yield item_from_value(d)
     except (ValueError, TypeError, msgpack.UnpackException) as e:  # TypeError: a map as key
         raise IntegrityError(f"archive item stream is malformed ({e})") from None

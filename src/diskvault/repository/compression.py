@@ -21,6 +21,7 @@ NONE, LZ4, ZSTD = 0, 1, 2
 NAMES = {"none": NONE, "lz4": LZ4, "zstd": ZSTD}
 HEADER = struct.Struct("<BQ")
 MAX_PLAIN = 256 << 20  # larger than any object we write; refuse more on read
+LZ4_MAX_RATIO = 255  # an LZ4 block cannot expand more: each length byte adds ≤ 255
 AUTO_KEEP_RATIO = 0.97  # lz4 must save at least 3 % or the data is stored as is
 
 _tls = threading.local()  # zstd (de)compressor objects are not thread-safe
@@ -90,6 +91,22 @@ class Compression:
         return HEADER.pack(ZSTD, n) + out
 
 
+def _zstd_decompress(body: memoryview, n: int, what: str) -> bytes:
+    """Decompress one zstd frame of exactly ``n`` plain bytes, allocating at most ``n``.
+
+    python-zstandard allocates what the frame header claims and ignores
+    ``max_output_size`` then (a 32 KB frame claiming 1 GiB made it allocate 1 GiB), and
+    ``max_output_size=0`` means "no limit": so the claim is checked first. We write
+    frames without a content size; one that states a size must state ours.
+    """
+    if n == 0:
+        raise IntegrityError(f"{what}: empty zstd object")  # never written: stored as none
+    claimed = zstandard.frame_content_size(body)
+    if claimed not in (-1, n):
+        raise IntegrityError(f"{what}: zstd frame claims {claimed} bytes, the header {n}")
+    return _zd().decompress(body, max_output_size=n)
+
+
 def decompress(blob: bytes | memoryview, what: str) -> bytes:
     mv = memoryview(blob)
     if len(mv) < HEADER.size:
@@ -102,9 +119,11 @@ def decompress(blob: bytes | memoryview, what: str) -> bytes:
         if algo == NONE:
             out = bytes(body)
         elif algo == LZ4:
+            if n > LZ4_MAX_RATIO * len(body) + 64:
+                raise IntegrityError(f"{what}: lz4 data of {len(body)} bytes cannot hold {n}")
             out = lz4.block.decompress(body, uncompressed_size=n)
         elif algo == ZSTD:
-            out = _zd().decompress(body, max_output_size=n)
+            out = _zstd_decompress(body, n, what)
         else:
             raise IntegrityError(f"{what}: unknown compression {algo}")
     except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:

@@ -1,0 +1,103 @@
+"""The item stream is decoded chunk by chunk in bounded memory, whatever chunk list an
+archive names (one huge chunk forty times made `list` join it all before)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from diskvault.archive import items as items_mod
+from diskvault.archive.items import read_item_stream, write_item_stream
+from diskvault.archive.model import Extents, Item
+from diskvault.archive.view import ArchiveView
+from diskvault.errors import IntegrityError
+from diskvault.repository.repo import Repository
+from diskvault.source.content import DATA
+from diskvault.storage.local import LocalStore
+from support import dv, init_repo
+
+MIB = 1 << 20
+
+
+def _items(n: int) -> list[Item]:
+    out = []
+    for i in range(n):
+        ext = Extents()
+        ext.append(DATA, 4096, bytes([i % 256]) * 32)
+        out.append(Item(path=f"dir/file{i:05d}", size=4096, extents=ext, mtime=i))
+    return out
+
+
+def _mem_store() -> tuple[dict[bytes, bytes], Callable[[bytes], bytes]]:
+    store: dict[bytes, bytes] = {}
+
+    def put(data: bytes) -> bytes:
+        cid = os.urandom(32)
+        store[cid] = data
+        return cid
+
+    return store, put
+
+
+def test_roundtrip_across_many_chunks():
+    store, put = _mem_store()
+    items = _items(20000)
+    ids = write_item_stream(items, put)
+    assert len(ids) > 3
+    back = list(read_item_stream(ids, store.__getitem__))
+    assert [i.path for i in back] == [i.path for i in items]
+    assert bytes(back[-1].extents) == bytes(items[-1].extents)
+
+
+def test_truncated_stream_is_an_error():
+    store, put = _mem_store()
+    ids = write_item_stream(_items(100), put)
+    cid = ids[-1]
+    store[cid] = store[cid][:-3]
+    with pytest.raises(IntegrityError, match="truncated"):
+        list(read_item_stream(ids, store.__getitem__))
+
+
+def test_item_larger_than_the_cap_is_refused(monkeypatch):
+    monkeypatch.setattr(items_mod, "MAX_ITEM_META", 2 * MIB)
+    big = Item(path="big", size=0, extents=Extents(bytes(3 * MIB)))
+    store, put = _mem_store()
+    ids = write_item_stream([big], put)
+    with pytest.raises(IntegrityError, match="exceeds 2 MiB"):
+        list(read_item_stream(ids, store.__getitem__))
+
+
+def _peak_rss(args: list[str]) -> tuple[int, bytes, int]:
+    """Run the CLI; return (exit code, stderr, peak RSS in bytes) of that process alone."""
+    with open(os.devnull, "wb") as null:
+        p = subprocess.Popen([sys.executable, "-m", "diskvault", *args], stdout=null,
+                             stderr=subprocess.PIPE)
+        err = p.stderr.read() if p.stderr else b""
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, err, ru.ru_maxrss * 1024
+
+
+def test_item_list_naming_one_big_chunk_forty_times_runs_in_bounded_memory(tmp_path):
+    repo = str(tmp_path / "repo")
+    env = init_repo(repo, "none")
+    src = tmp_path / "big"
+    src.write_bytes(random.Random(8).randbytes(32 * MIB))
+    dv("create", "-C", "none", "--chunker-params", f"fixed,{32 * MIB}", f"{repo}::src",
+       str(src), env=env)
+    with Repository.open(LocalStore(repo), lambda _c: "") as r:
+        item = next(i for i in ArchiveView.open(r, "src").items if i.path.endswith("big"))
+        assert item.extents is not None
+        (cid,) = [c for k, _, c in item.extents if k == DATA]
+        meta = dict(r.load_archive(r.archive_ref("src")))
+        meta["items"] = [cid] * 40  # 1.25 GiB if joined
+        r.commit_archive("evil", meta, None)
+    code, err, peak = _peak_rss(["list", f"{repo}::evil"])
+    assert code == 2, err
+    assert err.decode().count("\n") == 1 and "item" in err.decode(), err
+    assert peak < 400 * MIB, f"list used {peak >> 20} MiB"
