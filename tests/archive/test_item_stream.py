@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from support import dv, init_repo
 
 from diskvault.archive import items as items_mod
 from diskvault.archive.items import read_item_stream, write_item_stream
@@ -19,7 +20,6 @@ from diskvault.errors import IntegrityError
 from diskvault.repository.repo import Repository
 from diskvault.source.content import DATA
 from diskvault.storage.local import LocalStore
-from support import dv, init_repo
 
 MIB = 1 << 20
 
