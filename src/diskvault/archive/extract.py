@@ -1,13 +1,19 @@
-"""Restoring content: fetch and decode chunks in parallel, write them in order.
+"""Restoring content, shared by every restore path: fetch and decode chunks in
+parallel (``iter_pieces``), write them in order through a sink.
+
+(``restore.py`` builds on this: ``extract`` into a directory or to stdout.)
 
 Sinks: a stream (stdout: zeros are written out), a regular file (``sparse``: holes for
-zero/unused runs and for all-zero 64 KiB blocks inside chunks), or a block device
-(zero runs written as zeros or BLKZEROOUT). A chunk that is missing or fails
-authentication is an error naming the item and byte range — never silent zeros.
+zero/unused runs and for all-zero 64 KiB blocks inside chunks — skipped in a file we
+just created, punched in an existing one), or a block device (zero runs written as
+zeros or BLKZEROOUT). A chunk that is missing or fails authentication is an error
+naming the item and byte range — never silent zeros — unless the caller collects
+damage (``--continue-on-error``): then the range becomes zeros and is reported.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -22,12 +28,28 @@ import numpy as np
 
 from ..errors import IntegrityError, ObjectMissing, TargetError
 from ..repository.repo import Repository
-from ..source.content import DATA
+from ..source.content import ZERO
 from .model import Item
 
 ZERO_BUF = bytes(4 << 20)
 SPARSE_BLOCK = 64 << 10
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A range of an item that could not be restored and was written as zeros."""
+
+    path: str
+    first: int  # first and last byte, within the item
+    last: int
+    chunk_id: bytes
+    why: str
+
+    def __str__(self) -> str:
+        return (f"{self.path}: bytes {self.first}-{self.last} unreadable (chunk "
+                f"{self.chunk_id.hex()}): written as zeros; {self.why}")
 
 
 @dataclass
@@ -39,24 +61,31 @@ class Piece:
     data: bytes | None
 
 
+_Pending = tuple[Item, int, int, int, "bytes | None", "Future | None"]
+
+
 def iter_pieces(repo: Repository, items: Iterable[Item], workers: int = 2,
-                prefetch: int = 8) -> Iterator[Piece]:
-    """Yield the content of ``items`` in order, with chunks fetched ahead in parallel."""
+                prefetch: int = 8, damage: list[Damage] | None = None) -> Iterator[Piece]:
+    """Yield the content of ``items`` in order, with chunks fetched ahead in parallel.
+
+    With a ``damage`` list, a chunk that cannot be read becomes a zero piece and is
+    recorded there; without, it raises IntegrityError naming the range.
+    """
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fetch")
-    queue: deque[tuple[Item, int, int, int, Future | None]] = deque()
+    queue: deque[_Pending] = deque()
     try:
         for item in items:
             if item.extents is None:
                 continue
             off = 0
             for kind, length, cid in item.extents:
-                fut = pool.submit(repo.get_chunk, cid) if kind == DATA else None
-                queue.append((item, off, kind, length, fut))
+                fut = pool.submit(repo.get_chunk, cid) if cid is not None else None
+                queue.append((item, off, kind, length, cid, fut))
                 off += length
-                while len(queue) > prefetch or (queue and queue[0][4] is None):
-                    yield _resolve(*queue.popleft())
+                while len(queue) > prefetch or (queue and queue[0][5] is None):
+                    yield _resolve(*queue.popleft(), damage)
         while queue:
-            yield _resolve(*queue.popleft())
+            yield _resolve(*queue.popleft(), damage)
     finally:
         for *_, fut in queue:
             if fut is not None:
@@ -64,16 +93,21 @@ def iter_pieces(repo: Repository, items: Iterable[Item], workers: int = 2,
         pool.shutdown(wait=True)
 
 
-def _resolve(item: Item, off: int, kind: int, length: int, fut: Future | None) -> Piece:
+def _resolve(item: Item, off: int, kind: int, length: int, cid: bytes | None,
+             fut: Future | None, damage: list[Damage] | None) -> Piece:
     if fut is None:
         return Piece(item, off, kind, length, None)
+    last = off + length - 1
     try:
         data = fut.result()
+        if len(data) != length:
+            raise IntegrityError("chunk size mismatch")
     except (ObjectMissing, IntegrityError) as e:
-        raise IntegrityError(
-            f"{item.path}: bytes {off}-{off + length - 1} cannot be restored: {e}") from None
-    if len(data) != length:
-        raise IntegrityError(f"{item.path}: bytes {off}-{off + length - 1}: chunk size mismatch")
+        if damage is None:
+            raise IntegrityError(f"{item.path}: bytes {off}-{last} cannot be restored: {e}"
+                                 ) from None
+        damage.append(Damage(item.path, off, last, cid or b"", str(e)))
+        return Piece(item, off, ZERO, length, None)
     return Piece(item, off, kind, length, data)
 
 
@@ -122,20 +156,28 @@ class StreamSink:
 
 
 class FileSink:
-    """Writes one item into a regular file or block device at ``base`` + item offset."""
+    """Writes one item into a regular file or block device at ``base`` + item offset.
 
-    def __init__(self, fd: int, what: str, sparse: bool, base: int = 0) -> None:
+    ``sparse`` (regular files): zero runs and all-zero 64 KiB blocks become holes —
+    skipped in a ``fresh`` file (created for this restore, so all holes already),
+    punched in an existing one, whose old bytes would otherwise show through.
+    """
+
+    def __init__(self, fd: int, what: str, sparse: bool, base: int = 0,
+                 fresh: bool = True) -> None:
         self.fd = fd
         self.what = what
         self.base = base
         self.is_device = stat.S_ISBLK(os.fstat(fd).st_mode)
-        # a regular file we created is all holes: zero runs need no writing at all
         self.sparse = sparse and not self.is_device
+        self.fresh = fresh
 
     def write(self, piece: Piece) -> None:
         pos = self.base + piece.offset
         if piece.data is None:
-            if not self.sparse:
+            if self.sparse:
+                self.hole(pos, piece.length)
+            else:
                 self.zero(pos, piece.length)
             return
         if self.sparse:
@@ -155,11 +197,24 @@ class FileSink:
             return
         edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
         mv = memoryview(data)
+        done = 0  # data[:done] is written or a hole
         for s, e in zip(edges[0::2], edges[1::2], strict=True):
             a, z = int(s) * SPARSE_BLOCK, int(e) * SPARSE_BLOCK
+            if a > done:
+                self.hole(pos + done, a - done)
             _pwrite_all(self.fd, mv[a:z], pos + a, self.what)
+            done = z
+        if n * SPARSE_BLOCK > done:
+            self.hole(pos + done, n * SPARSE_BLOCK - done)
         if n * SPARSE_BLOCK < len(data):
             _pwrite_all(self.fd, mv[n * SPARSE_BLOCK :], pos + n * SPARSE_BLOCK, self.what)
+
+    def hole(self, pos: int, length: int) -> None:
+        """Make ``length`` bytes at ``pos`` a hole (a fresh file has them already)."""
+        if self.fresh or not length:
+            return
+        if not punch_hole(self.fd, pos, length):
+            self.zero(pos, length)  # a filesystem without hole punching: zeros then
 
     def zero(self, pos: int, length: int) -> None:
         if self.is_device:
@@ -181,23 +236,32 @@ class FileSink:
                 raise TargetError(f"{self.what}: cannot set size: {e.strerror}") from None
 
 
-def open_target(path: str, size: int, sparse: bool) -> tuple[int, FileSink]:
-    """Open a file (created/truncated) or an existing block device for writing."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, pos: int, length: int) -> bool:
+    """Deallocate a range of a regular file (it then reads as zeros); False if the
+    filesystem cannot (the caller writes zeros instead)."""
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, pos, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise TargetError(f"cannot punch a hole at byte {pos}: {os.strerror(err)}")
+
+
+def create_file(path: str, sparse: bool) -> tuple[int, FileSink]:
+    """Create a new regular file at ``path`` for writing: never an existing one.
+
+    O_EXCL (which with O_CREAT also refuses a symlink) means the content can only go
+    into an inode this call created — not into a device node, FIFO or link that an
+    archive entry or anyone else put there. Callers remove what is in the way first.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        st = os.stat(path)
-        is_dev = stat.S_ISBLK(st.st_mode)
-    except FileNotFoundError:
-        is_dev = False
-    try:
-        if is_dev:
-            fd = os.open(path, os.O_WRONLY)
-            dev_size = os.lseek(fd, 0, os.SEEK_END)
-            if dev_size < size:
-                os.close(fd)
-                raise TargetError(f"{path}: device is too small ({dev_size} bytes, "
-                                  f"{size} needed)")
-        else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as e:
-        raise TargetError(f"{path}: cannot open for writing: {e.strerror}") from None
-    return fd, FileSink(fd, path, sparse)
+        raise TargetError(f"{path}: cannot create: {e.strerror}") from None
+    return fd, FileSink(fd, path, sparse, fresh=True)

@@ -1,4 +1,13 @@
-"""Extracting an archive's items into a directory, onto a device, or to stdout."""
+"""Extracting an archive's items into a directory or to stdout (``extract``).
+
+Content comes through ``extract.py`` (parallel fetch, sinks). Into a directory, every
+path is *replaced, never followed*: whatever is there (a file, a symlink, a device
+node — also one this extract just made) is unlinked and the file created anew with
+O_EXCL, so an archive entry can never steer content into a device or out of the
+target. Device nodes are created only when asked (``devices``); owners, then modes
+(with setuid/setgid: chown first, as it clears them), then times are restored.
+Writing a device's bytes onto a device is ``extract --stdout | dd`` or ``disk restore``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +18,18 @@ from collections.abc import Callable
 from ..errors import TargetError
 from ..repository.repo import Repository
 from ..source.paths import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HARDLINK, SYMLINK
-from .extract import FileSink, StreamSink, iter_pieces, open_target
+from .extract import Damage, FileSink, StreamSink, create_file, iter_pieces
 from .model import Item
 
 
 def extract_stdout(repo: Repository, items: list[Item], fd: int, workers: int = 2,
-                   progress: Callable[[int], None] | None = None) -> int:
+                   progress: Callable[[int], None] | None = None,
+                   damage: list[Damage] | None = None) -> int:
+    """Write the items' contents, concatenated, to ``fd``; with a ``damage`` list,
+    unreadable ranges become zeros and are recorded there instead of stopping."""
     sink = StreamSink(fd)
     done = 0
-    for piece in iter_pieces(repo, items, workers):
+    for piece in iter_pieces(repo, items, workers, damage=damage):
         sink.write(piece)
         done += piece.length
         if progress:
@@ -74,8 +86,12 @@ def _ensure_dir(root: str, rel: str) -> str:
 
 def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = False,
                  workers: int = 2, numeric_ids: bool = False,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, devices: bool = False,
+                 damage: list[Damage] | None = None) -> list[str]:
+    """Restore ``items`` below ``root``; return the paths of device nodes not created
+    (``devices`` is False). With a ``damage`` list, unreadable ranges become zeros."""
     root = os.path.abspath(root)
+    skipped: list[str] = []
     dirs: list[tuple[str, Item]] = []
     done = 0
     content_items: list[tuple[Item, str]] = []
@@ -96,6 +112,8 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
             symlinks.append((path, item))
         elif item.type == HARDLINK:
             links.append((path, item))  # after the content of their master file
+        elif item.type in (BLOCKDEV, CHARDEV) and not devices:
+            skipped.append(item.path)
         elif item.type in (BLOCKDEV, CHARDEV, FIFO):
             _replace(path)
             try:
@@ -118,23 +136,21 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
         open_file = None
         try:
             sink.finish(item.size)
-            if sink.is_device:
-                os.fsync(fd)
+            # through the descriptor: the inode we created, whatever the path is now
+            _apply_meta(fd, item, numeric_ids, what=path)
         finally:
             os.close(fd)
-        if not sink.is_device:
-            _apply_meta(path, item, numeric_ids)
 
     def open_item(item: Item) -> None:
         nonlocal open_file
         path = paths[id(item)]
-        if not _is_device(path):
-            _replace(path)
-        fd, sink = open_target(path, item.size, sparse)
+        _replace(path)
+        fd, sink = create_file(path, sparse)
         open_file = (item, fd, sink, path)
 
     try:
-        for piece in iter_pieces(repo, [i for i, _ in content_items], workers):
+        for piece in iter_pieces(repo, [i for i, _ in content_items], workers,
+                                 damage=damage):
             if open_file is None or open_file[0] is not piece.item:
                 close_current()
                 open_item(piece.item)
@@ -167,13 +183,7 @@ def extract_tree(repo: Repository, items: list[Item], root: str, sparse: bool = 
         _apply_meta(path, item, numeric_ids, follow=False)
     for path, item in reversed(dirs):  # after their content, or mtimes would change again
         _apply_meta(path, item, numeric_ids)
-
-
-def _is_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return False
+    return skipped
 
 
 def _replace(path: str) -> None:
@@ -186,7 +196,11 @@ def _replace(path: str) -> None:
     os.unlink(path)
 
 
-def _apply_meta(path: str, item: Item, numeric_ids: bool, follow: bool = True) -> None:
+def _apply_meta(target: int | str, item: Item, numeric_ids: bool, follow: bool = True,
+                what: str | None = None) -> None:
+    """Owner, xattrs, mode, times of ``target`` (a path, or a descriptor of a file we
+    created). The owner goes first: chown clears setuid/setgid, chmod then sets them."""
+    kw: dict = {} if follow else {"follow_symlinks": False}
     try:
         if os.geteuid() == 0 and item.uid is not None:
             uid, gid = item.uid, item.gid if item.gid is not None else -1
@@ -201,16 +215,16 @@ def _apply_meta(path: str, item: Item, numeric_ids: bool, follow: bool = True) -
                     gid = grp.getgrnam(item.group).gr_gid if item.group else gid
                 except KeyError:
                     pass
-            os.chown(path, uid, gid, follow_symlinks=follow)
+            os.chown(target, uid, gid, **kw)
         if item.xattrs:
             for k, v in item.xattrs.items():
                 try:
-                    os.setxattr(path, k, v, follow_symlinks=follow)
+                    os.setxattr(target, k, v, **kw)
                 except OSError:
                     pass
         if follow:
-            os.chmod(path, stat.S_IMODE(item.mode))
+            os.chmod(target, stat.S_IMODE(item.mode))
         if item.mtime is not None:
-            os.utime(path, ns=(item.atime or item.mtime, item.mtime), follow_symlinks=follow)
+            os.utime(target, ns=(item.atime or item.mtime, item.mtime), **kw)
     except OSError as e:
-        raise TargetError(f"{path}: cannot set metadata: {e.strerror}") from None
+        raise TargetError(f"{what or target}: cannot set metadata: {e.strerror}") from None

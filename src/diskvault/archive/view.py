@@ -12,6 +12,7 @@ from ..repository.repo import Repository
 from .create import ARCHIVE_VERSION
 from .items import read_item_stream
 from .model import HARDLINK, Item
+from .patterns import PathMatcher
 
 
 @dataclass
@@ -45,12 +46,17 @@ class ArchiveView:
         yield from self.items
 
 
-def select_items(items: list[Item], patterns: list[str]) -> list[Item]:
-    """Items whose path equals a pattern or lies below it (like Borg's PATH arguments)."""
+def select_items(items: list[Item], patterns: list[str],
+                 unmatched: list[str] | None = None) -> list[Item]:
+    """Items matching any of ``patterns`` (archive/patterns.py: a path selects itself and
+    everything below it; globs and Borg's ``sh:``/``fm:``/``re:``/``pp:`` styles).
+    Patterns that matched nothing are appended to ``unmatched``."""
     if not patterns:
         return items
-    pats = [p.strip("/") for p in patterns]
-    out = [i for i in items if any(i.path == p or i.path.startswith(p + "/") for p in pats)]
+    matcher = PathMatcher.parse(patterns)
+    out = [i for i in items if matcher(i.path)]
+    if unmatched is not None:
+        unmatched.extend(matcher.unmatched())
     return _promote_hardlinks(items, out)
 
 

@@ -181,3 +181,10 @@ def percent(lo: float, hi: float, lo_ok: bool, hi_ok: bool):
         return v / 100
 
     return parse
+
+
+def report_warnings(lines: list[str]) -> int:
+    """Print each warning as one line on stderr; the exit code: 1 if any (Borg's rule)."""
+    for line in lines:
+        sys.stderr.write(f"diskvault: warning: {line}\n")
+    return 1 if lines else 0

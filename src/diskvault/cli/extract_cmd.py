@@ -1,4 +1,5 @@
-"""diskvault extract [--stdout] [--sparse] REPO::ARCHIVE [PATH...]"""
+"""diskvault extract [--stdout] [--sparse] [--devices] [--continue-on-error] REPO::ARCHIVE
+[PATTERN...]"""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import argparse
 import os
 import sys
 
+from ..archive.extract import Damage
 from ..archive.restore import extract_stdout, extract_tree
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
-from .common import READ, Progress, add_common, open_repo, split_location
+from .common import READ, Progress, add_common, open_repo, report_warnings, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,11 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the items' contents, concatenated, to stdout (for | dd of=…)")
     p.add_argument("--sparse", action="store_true",
                    help="write holes for zero runs (files are truncated to full size)")
-    p.add_argument("--numeric-ids", action="store_true")
+    p.add_argument("--numeric-ids", action="store_true",
+                   help="restore owners by uid/gid only, not by user/group name")
+    p.add_argument("--devices", action="store_true",
+                   help="create block and character device nodes (without it they are "
+                   "skipped with a warning)")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="restore past unreadable chunks: zeros there, every damaged range "
+                   "listed, exit code 1")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("location", metavar="REPO::ARCHIVE")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATTERN",
+                   help="a path (with everything below it) or a glob: *, ?, [...], **; "
+                   "Borg's sh:, fm:, re:, pp: prefixes work too")
     p.set_defaults(func=run)
 
 
@@ -31,17 +42,35 @@ def run(args: argparse.Namespace) -> int:
     repo_loc, name = split_location(args.location, need_archive=True)
     with open_repo(repo_loc, READ, args.lock_wait) as repo:
         view = ArchiveView.open(repo, name or "")
-        items = select_items(view.items, args.paths)
+        unmatched: list[str] = []
+        items = select_items(view.items, args.paths, unmatched)
         if args.paths and not items:
             raise UsageError(f"no item of {name!r} matches {' '.join(args.paths)}")
+        warnings = [f"pattern {p!r} matched no item" for p in unmatched]
+        damage: list[Damage] | None = [] if args.continue_on_error else None
         total = sum(i.size for i in items if i.extents is not None)
         progress = Progress(args.progress, "extract: ")
         if args.stdout:
             sys.stdout.flush()
             extract_stdout(repo, items, sys.stdout.fileno(), args.workers,
-                           lambda d: progress(d, total))
+                           lambda d: progress(d, total), damage=damage)
         else:
-            extract_tree(repo, items, os.getcwd(), sparse=args.sparse, workers=args.workers,
-                         numeric_ids=args.numeric_ids, progress=lambda d: progress(d, total))
+            skipped = extract_tree(repo, items, os.getcwd(), sparse=args.sparse,
+                                   workers=args.workers, numeric_ids=args.numeric_ids,
+                                   progress=lambda d: progress(d, total),
+                                   devices=args.devices, damage=damage)
+            if skipped:
+                warnings.append(f"{len(skipped)} device node(s) not created ({skipped[0]}"
+                                f"{', …' if len(skipped) > 1 else ''}): --devices creates them")
         progress.done()
-    return 0
+    warnings += damage_lines(damage or [])
+    return report_warnings(warnings)
+
+
+def damage_lines(damage: list[Damage]) -> list[str]:
+    if not damage:
+        return []
+    n = sum(d.last - d.first + 1 for d in damage)
+    return [str(d) for d in damage] + [
+        f"{len(damage)} damaged range(s), {n} bytes, restored as zeros; everything else "
+        "was restored"]

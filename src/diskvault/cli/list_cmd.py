@@ -10,7 +10,15 @@ import sys
 
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
-from .common import READ, add_common, fmt_time, iso_time, open_repo, split_location
+from .common import (
+    READ,
+    add_common,
+    fmt_time,
+    iso_time,
+    open_repo,
+    report_warnings,
+    split_location,
+)
 
 ARCHIVE_FORMAT = "{archive:<40} {time} [{id}]{NL}"
 ITEM_FORMAT = "{mode} {user:6} {group:6} {size:>12} {mtime} {path}{NL}"
@@ -28,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--short", action="store_true", help="names/paths only")
     p.add_argument("location", metavar="REPO[::ARCHIVE]", nargs="?")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATTERN",
+                   help="only items matching: a path (and what is below it) or a glob, "
+                   "as for extract")
     p.set_defaults(func=run)
 
 
@@ -59,15 +69,17 @@ def run(args: argparse.Namespace) -> int:
                 out.write(fmt.format(**r, **SPECIAL))
             return 0
         view = ArchiveView.open(repo, name)
-        items = select_items(view.items, args.paths)
+        unmatched: list[str] = []
+        items = select_items(view.items, args.paths, unmatched)
         if args.json:
             for i in items:
                 print(json.dumps(_public(item_row(i))))
-            return 0
-        fmt = "{path}{NL}" if args.short else (args.format or ITEM_FORMAT)
-        for i in items:
-            out.write(fmt.format(**item_row(i), **SPECIAL))
-    return 0
+        else:
+            fmt = "{path}{NL}" if args.short else (args.format or ITEM_FORMAT)
+            for i in items:
+                out.write(fmt.format(**item_row(i), **SPECIAL))
+    out.flush()
+    return report_warnings([f"pattern {p!r} matched no item" for p in unmatched])
 
 
 def _public(row: dict) -> dict:
