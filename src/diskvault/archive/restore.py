@@ -48,6 +48,8 @@ def _safe_join(root: str, path: str) -> str:
     already, or from the archive), where the parent directory really is.
     """
     full = os.path.normpath(os.path.join(root, path))
+    if full == root:  # "." (``create .``): the target directory itself
+        return full
     if not _inside(root, full) or not _inside(os.path.realpath(root),
                                               os.path.realpath(os.path.dirname(full))):
         raise TargetError(f"refusing to extract {path!r} outside the target directory")
