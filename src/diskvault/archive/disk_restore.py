@@ -2,10 +2,12 @@
 
 Order of work: load the archive's disk description and check that its items tile the
 disk; inspect the target (size, mounts, what it holds); refuse before writing a byte if
-anything is wrong; only then write. Zero and unused extents become holes in a new image
-file and zeros (BLKZEROOUT) on a device or existing file. A larger GPT target gets its
-backup GPT moved to its new end (``relocate_backup_gpt``); the old backup location is
-zeroed, so no stale second GPT header remains in the middle of the disk.
+anything is wrong; only then write. Zero and unused extents (and all-zero 64 KiB blocks)
+become holes in an image file — a new one has them already, in an existing one they are
+punched, so a sparse image stays sparse — and zeros (BLKZEROOUT) on a device. With a
+``damage`` list (``--continue-on-error``), unreadable chunks become zeros and are listed.
+A larger GPT target gets its backup GPT moved to its new end (``relocate_backup_gpt``);
+the old backup location is zeroed, so no stale second GPT header remains in the middle of the disk.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..source.partitions import (
     relocate_backup_gpt,
 )
 from ..source.reader import FileRangeReader
-from .extract import FileSink, _pwrite_all, iter_pieces
+from .extract import Damage, FileSink, _pwrite_all, iter_pieces
 from .model import Item
 from .view import ArchiveView
 
@@ -288,7 +290,8 @@ def describe(plan: RestorePlan, fmt: Callable[[int], str]) -> list[str]:
     """The plan as lines of text (``disk restore --dry-run``)."""
     t = plan.target
     what = f"partition {plan.partition}" if plan.partition is not None else "the disk"
-    blank = "holes" if plan.create else ("zeroed (BLKZEROOUT)" if t.is_device else "zeroed")
+    blank = "holes" if plan.create else ("zeroed (BLKZEROOUT)" if t.is_device
+                                         else "holes (punched)")
     lines = [f"Restore {what} of {plan.archive.name} ({fmt(plan.size)}) onto {t.path} "
              f"({t.kind}, {fmt(plan.final_size)})",
              f"{'OFFSET':>14}  {'SIZE':>10}  {'ITEM':<28} CONTENT"]
@@ -317,8 +320,10 @@ class RestoreResult:
 
 
 def execute(repo: Repository, plan: RestorePlan, workers: int = 2,
-            progress: Callable[[int, int], None] | None = None) -> RestoreResult:
-    """Write the plan; a new image file that fails halfway is removed again."""
+            progress: Callable[[int, int], None] | None = None,
+            damage: list[Damage] | None = None) -> RestoreResult:
+    """Write the plan; a new image file that fails halfway is removed again. With a
+    ``damage`` list, unreadable chunks are written as zeros and recorded there."""
     t = plan.target
     try:
         if plan.create:
@@ -330,7 +335,7 @@ def execute(repo: Repository, plan: RestorePlan, workers: int = 2,
         raise TargetError(f"{t.path}: cannot open for writing: {e.strerror}") from None
     ok = False
     try:
-        result = _write_plan(repo, plan, fd, workers, progress)
+        result = _write_plan(repo, plan, fd, workers, progress, damage)
         os.fsync(fd)
         if t.is_device:
             with contextlib.suppress(OSError):  # loop devices without partscan refuse
@@ -347,12 +352,14 @@ def execute(repo: Repository, plan: RestorePlan, workers: int = 2,
 
 
 def _write_plan(repo: Repository, plan: RestorePlan, fd: int, workers: int,
-               progress: Callable[[int, int], None] | None) -> RestoreResult:
+                progress: Callable[[int, int], None] | None,
+                damage: list[Damage] | None) -> RestoreResult:
     path, result = plan.target.path, RestoreResult()
     todo = [r for r in plan.regions if r.write]
-    sinks = {id(r.item): FileSink(fd, path, sparse=plan.create, base=r.offset) for r in todo}
+    sinks = {id(r.item): FileSink(fd, path, sparse=True, base=r.offset, fresh=plan.create)
+             for r in todo}
     total, done = sum(r.item.size for r in todo), 0
-    for piece in iter_pieces(repo, [r.item for r in todo], workers):
+    for piece in iter_pieces(repo, [r.item for r in todo], workers, damage=damage):
         sinks[id(piece.item)].write(piece)
         if piece.data is None:
             result.blank += piece.length
@@ -361,9 +368,9 @@ def _write_plan(repo: Repository, plan: RestorePlan, fd: int, workers: int,
         done += piece.length
         if progress:
             progress(done, total)
-    zeroer = FileSink(fd, path, sparse=False)
+    zeroer = FileSink(fd, path, sparse=True, fresh=False)  # holes in a file, zeros on a device
     for off, n, _ in plan.zero_ranges:
-        zeroer.zero(off, n)
+        zeroer.blank(off, n)
     for off, data in plan.gpt_writes:
         _pwrite_all(fd, data, off, path)
     return result

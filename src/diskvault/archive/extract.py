@@ -61,6 +61,16 @@ class Piece:
     data: bytes | None
 
 
+def damage_lines(damage: list[Damage]) -> list[str]:
+    """One line per damaged range and a summary (the warnings of --continue-on-error)."""
+    if not damage:
+        return []
+    n = sum(d.last - d.first + 1 for d in damage)
+    return [str(d) for d in damage] + [
+        f"{len(damage)} damaged range(s), {n} bytes, restored as zeros; everything else "
+        "was restored"]
+
+
 _Pending = tuple[Item, int, int, int, "bytes | None", "Future | None"]
 
 
@@ -175,10 +185,7 @@ class FileSink:
     def write(self, piece: Piece) -> None:
         pos = self.base + piece.offset
         if piece.data is None:
-            if self.sparse:
-                self.hole(pos, piece.length)
-            else:
-                self.zero(pos, piece.length)
+            self.blank(pos, piece.length)
             return
         if self.sparse:
             self._write_sparse(piece.data, pos)
@@ -208,6 +215,13 @@ class FileSink:
             self.hole(pos + done, n * SPARSE_BLOCK - done)
         if n * SPARSE_BLOCK < len(data):
             _pwrite_all(self.fd, mv[n * SPARSE_BLOCK :], pos + n * SPARSE_BLOCK, self.what)
+
+    def blank(self, pos: int, length: int) -> None:
+        """Make a range read as zeros: a hole where sparse, zeros written otherwise."""
+        if self.sparse:
+            self.hole(pos, length)
+        else:
+            self.zero(pos, length)
 
     def hole(self, pos: int, length: int) -> None:
         """Make ``length`` bytes at ``pos`` a hole (a fresh file has them already)."""

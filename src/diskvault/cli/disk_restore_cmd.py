@@ -9,8 +9,17 @@ import argparse
 import sys
 
 from ..archive.disk_restore import DiskArchive, describe, execute, plan_restore
+from ..archive.extract import Damage, damage_lines
 from ..archive.view import ArchiveView
-from .common import READ, Progress, add_common, fmt_size, open_repo, split_location
+from .common import (
+    READ,
+    Progress,
+    add_common,
+    fmt_size,
+    open_repo,
+    report_warnings,
+    split_location,
+)
 
 
 def register_disk(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +36,9 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
                    help="print what would be written where; write nothing")
     p.add_argument("--force", action="store_true",
                    help="overwrite a target holding another partition table or a filesystem")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="restore past unreadable chunks: zeros there, every damaged range "
+                   "listed, exit code 1")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("location", metavar="REPO::ARCHIVE")
@@ -44,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
             print("Nothing written (--dry-run).")
             return 0
         progress = Progress(args.progress, "restore: ")
-        result = execute(repo, plan, args.workers, progress)
+        damage: list[Damage] | None = [] if args.continue_on_error else None
+        result = execute(repo, plan, args.workers, progress, damage)
         progress.done()
     if args.progress:
         sys.stderr.write(f"restored {fmt_size(plan.size)} onto {args.target}: "
                          f"{fmt_size(result.written)} written, {fmt_size(result.blank)} "
                          "zero/unused\n")
-    return 0
+    return report_warnings(damage_lines(damage or []))

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from ..archive.extract import Damage
+from ..archive.extract import Damage, damage_lines
 from ..archive.restore import extract_stdout, extract_tree
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
@@ -66,11 +66,3 @@ def run(args: argparse.Namespace) -> int:
     warnings += damage_lines(damage or [])
     return report_warnings(warnings)
 
-
-def damage_lines(damage: list[Damage]) -> list[str]:
-    if not damage:
-        return []
-    n = sum(d.last - d.first + 1 for d in damage)
-    return [str(d) for d in damage] + [
-        f"{len(damage)} damaged range(s), {n} bytes, restored as zeros; everything else "
-        "was restored"]
