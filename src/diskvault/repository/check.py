@@ -244,7 +244,14 @@ def _summarise(repo: Repository, res: RepoCheck, verified: set[str]) -> None:
             "contents — 'compact' or 'check --repair' indexes them: "
             + ", ".join(n[:16] for n in sorted(res.uncovered)[:5])
             + (" ..." if len(res.uncovered) > 5 else ""))
+    stale = repo.store.temporaries()
+    if stale:
+        res.notes.append(
+            f"{len(stale)} temporary file(s) ({sum(n for _, n in stale)} bytes) left by "
+            "interrupted writes: the next backup or 'compact' removes them: "
+            + ", ".join(n for n, _ in sorted(stale)[:3]) + (" ..." if len(stale) > 3 else ""))
     res.stats.update({
+        "temporaries": len(stale),
         "index_segments": len(res.segments), "packs": len(res.packs),
         "pack_bytes": sum(p.size for p in res.packs.values()), "chunks": len(index),
         "verified_packs": len(verified),

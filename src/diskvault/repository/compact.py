@@ -45,6 +45,7 @@ class CompactStats:
     chunks_dropped: int = 0
     bytes_freed: int = 0  # net: deleted minus written
     missing_referenced: int = 0  # referenced chunks in no pack (check reports them)
+    temporaries_removed: int = 0  # partial writes left by killed writers
     kept_damaged: list[str] = field(default_factory=list)  # packs not repacked: damaged
     stopped: str | None = None  # why repacking stopped early (storage full)
 
@@ -81,6 +82,9 @@ def compact(repo: Repository, referenced: IdSet, archive_ids: set[bytes],
     segments = dict(repo.store.list("index"))
     garbage_meta = [n for n, _ in repo.store.list("archives")
                     if _archive_id(n) not in archive_ids]
+    stale = repo.store.temporaries(remove=not dry_run)  # partial writes of dead writers
+    st.temporaries_removed = len(stale)
+    st.bytes_freed += sum(n for _, n in stale)
     if dry_run:
         st.packs_deleted, st.packs_repacked = len(plan.dead), len(plan.sparse)
         st.bytes_freed = sum(plan.sizes[p] for p in plan.dead) + sum(

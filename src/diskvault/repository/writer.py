@@ -24,6 +24,8 @@ class ChunkWriter:
         self.upload_threads = max(1, upload_threads)
         # a pool smaller than the threads would only make them queue for connections
         repo.store.reserve_connections(self.upload_threads)
+        # what writers killed earlier left behind (a pack each); never a live writer's
+        repo.store.temporaries(remove=True)
         self.pool = ThreadPoolExecutor(self.upload_threads, thread_name_prefix="upload")
         self.pack = PackWriter(repo.pack_size)
         self.pending: set[bytes] = set()  # in the open pack or being uploaded

@@ -17,7 +17,7 @@ Consistency contract (what the repository layer relies on):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class Store(ABC):
@@ -68,6 +68,11 @@ class Store(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and file handles."""
 
+    def temporaries(self, remove: bool = False) -> Sequence[tuple[str, int]]:
+        """``(name, size)`` of partial writes left by writers that died (never a live
+        writer's); ``remove`` deletes them. Backends without such leftovers: none."""
+        return []
+
     def __enter__(self) -> Store:
         return self
 
@@ -93,6 +98,9 @@ class StoreWrapper(Store):
 
     def reserve_connections(self, n: int) -> None:
         self.inner.reserve_connections(n)
+
+    def temporaries(self, remove: bool = False) -> Sequence[tuple[str, int]]:
+        return self.inner.temporaries(remove)
 
     def close(self) -> None:
         self.inner.close()

@@ -1,13 +1,39 @@
-"""A repository in a local directory: one file per value, written atomically."""
+"""A repository in a local directory: one file per value, written atomically.
+
+A value is written to ``<name>.tmp-<pid>-<random>``, fsynced and renamed. A writer
+killed mid-way leaves that file behind (a whole pack: 32 MiB); ``temporaries`` finds
+such files and removes them, never a live writer's — by a lock, not by a guess:
+
+- A writer holds ``flock(LOCK_EX)`` on its temporary file from just after creating it
+  until after the rename; the kernel drops the lock when the process dies (SIGKILL
+  too). So a temporary file whose lock we *get* has no writer between lock and rename.
+- The one gap: created but not locked yet. The cleaner unlinks only while holding the
+  lock and only if the name still is that inode; a writer then gets its lock on an
+  unlinked inode, sees ``st_nlink == 0`` and starts again under a new name. Names are
+  never reused, so a renamed file is never mistaken for a temporary.
+- Files named by older versions (``.tmp<pid>.<hex>``, written without the lock) are
+  removed only when unchanged for ``LEGACY_AGE`` seconds: a live writer writes a pack
+  in seconds, and such writers are only ever an older diskvault on the same repository.
+
+flock works across processes and containers of one kernel; on NFS, Linux maps it to
+byte-range locks, which the server arbitrates between hosts.
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
-from collections.abc import Iterator
+import re
+import secrets
+import time
+from collections.abc import Iterator, Sequence
 
 from ..errors import ObjectMissing, RepositoryExists, StorageError, StorageFull
 from .base import Store
+
+_TMP_NEW = re.compile(r"\.tmp-\d+-[0-9a-f]+$")
+LEGACY_AGE = 24 * 3600
 
 
 class LocalStore(Store):
@@ -48,20 +74,20 @@ class LocalStore(Store):
 
     def store(self, name: str, value: bytes | bytearray | memoryview) -> None:
         path = self._p(name)
-        tmp = f"{path}.tmp{os.getpid()}.{id(value):x}"
         d = os.path.dirname(path)
+        tmp = ""
         try:
             os.makedirs(d, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, tmp = self._create_locked_tmp(path)
             try:
                 view = memoryview(value)
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
                 os.fsync(fd)
+                os.replace(tmp, path)
             finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                os.close(fd)  # drops the lock: only after the rename (see the head)
             # the rename is durable only once the directory is synced
             dfd = os.open(d, os.O_RDONLY)
             try:
@@ -69,13 +95,73 @@ class LocalStore(Store):
             finally:
                 os.close(dfd)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(self.path) from None
             raise StorageError(f"cannot write {name}: {e.strerror}") from None
+
+    @staticmethod
+    def _create_locked_tmp(path: str) -> tuple[int, str]:
+        """A new temporary file next to ``path``, locked, still linked (see the head)."""
+        while True:
+            tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink:
+                    return fd, tmp
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # a cleaner removed it before we locked it: take a new name
+
+    def temporaries(self, remove: bool = False) -> Sequence[tuple[str, int]]:
+        """Temporary files left by writers that are gone: ``(name, size)``; ``remove``
+        deletes them. A live writer's file is never listed (the module head argues it)."""
+        found = []
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.path):
+            for f in files:
+                if ".tmp" not in f:
+                    continue
+                full = os.path.join(dirpath, f)
+                size = self._stale_size(full, legacy=not _TMP_NEW.search(f), now=now,
+                                        remove=remove)
+                if size is not None:
+                    found.append((os.path.relpath(full, self.path), size))
+        return found
+
+    @staticmethod
+    def _stale_size(full: str, legacy: bool, now: float, remove: bool) -> int | None:
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None  # renamed or removed meanwhile, or not ours to open
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # a live writer holds it
+            st = os.fstat(fd)
+            try:
+                cur = os.lstat(full)
+            except FileNotFoundError:
+                return None
+            if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino) or not st.st_nlink:
+                return None
+            if legacy and now - st.st_mtime < LEGACY_AGE:
+                return None
+            if remove:
+                os.unlink(full)
+            return st.st_size
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def delete(self, name: str) -> None:
         try:
