@@ -7,12 +7,14 @@ import os
 import random
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 
 import pytest
 from support import dv, init_repo
 
 from diskvault.archive import items as items_mod
+from diskvault.archive.check import read_items_robust
 from diskvault.archive.items import read_item_stream, write_item_stream
 from diskvault.archive.model import Extents, Item
 from diskvault.archive.view import ArchiveView
@@ -101,3 +103,22 @@ def test_item_list_naming_one_big_chunk_forty_times_runs_in_bounded_memory(tmp_p
     assert code == 2, err
     assert err.decode().count("\n") == 1 and "item" in err.decode(), err
     assert peak < 400 * MIB, f"list used {peak >> 20} MiB"
+
+
+def test_check_reads_around_an_item_list_of_one_huge_chunk_in_bounded_memory():
+    """check's robust reader joins runs of chunks: chunks larger than any writer cuts
+    are refused first, so forty names of one 32 MiB chunk do not become 1.25 GiB."""
+    huge = random.Random(9).randbytes(32 * MIB)
+    tracemalloc.start()
+    try:
+        items, lost = read_items_robust([b"\1" * 32] * 40, lambda _cid: huge)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert items == [] and len(lost) == 40 and "more than any item metadata" in lost[0][1]
+    assert peak < 8 * MIB, f"{peak >> 20} MiB"
+    # a real stream still reads whole
+    store, put = _mem_store()
+    ids = write_item_stream(_items(3000), put)
+    items, lost = read_items_robust(ids, store.__getitem__)
+    assert len(items) == 3000 and lost == []

@@ -21,6 +21,7 @@ from ..repository.manifest import ArchiveRef
 from ..repository.repo import Repository
 from ..source.content import DATA
 from .create import ARCHIVE_VERSION
+from .items import MAX_META_CHUNK
 from .model import Item
 
 # an item's msgpack map starts with its first field, "path" (Item.to_dict order)
@@ -213,6 +214,8 @@ def read_items_robust(chunk_ids: list[bytes], get_chunk: Callable[[bytes], bytes
     for i, cid in enumerate(chunk_ids):
         try:
             data = get_chunk(cid)
+            if len(data) > MAX_META_CHUNK:  # never written so: runs are joined below
+                raise IntegrityError(f"{len(data)} bytes, more than any item metadata chunk")
         except IntegrityError as e:
             lost.append((i, str(e)))
             cur = None

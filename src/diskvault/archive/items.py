@@ -20,6 +20,10 @@ _CUT = (64 << 10, 256 << 10, 1 << 20)
 # plus one metadata chunk, however long or repetitive the chunk list is.
 MAX_ITEM_META = 256 << 20
 _FEED = 1 << 20  # bytes fed to the decoder at a time
+# Writers cut the stream into chunks of at most _CUT[2]; a reader that must hold whole
+# runs of chunks (check's robust reader) refuses larger ones, so an item list naming a
+# huge chunk many times costs at most 4× what that many real metadata chunks would.
+MAX_META_CHUNK = 4 * _CUT[2]
 
 
 def write_item_stream(items: list[Item], store_chunk: Callable[[bytes], bytes],
