@@ -5,24 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError, UnsupportedVersion
 from ..repository.manifest import ArchiveRef
-from ..repository.repo import Repository
 from .create import ARCHIVE_VERSION
 from .items import read_item_stream
 from .model import HARDLINK, Item
 from .patterns import PathMatcher
 
+if TYPE_CHECKING:
+    from .reader import ArchiveSource
+
 
 @dataclass
 class ArchiveView:
-    repo: Repository
+    repo: ArchiveSource  # a read-only role: the Repository, or anything that reads like it
     ref: ArchiveRef
     meta: dict
 
     @classmethod
-    def open(cls, repo: Repository, name: str) -> ArchiveView:
+    def open(cls, repo: ArchiveSource, name: str) -> ArchiveView:
         ref = repo.archive_ref(name)
         meta = repo.load_archive(ref)
         if not isinstance(meta, dict) or "version" not in meta:
