@@ -176,6 +176,10 @@ class BlockMapError(DiskvaultError):
     """A filesystem could not be parsed with certainty; callers fall back to 'all used'."""
 
 
+class VmError(DiskvaultError):
+    """QEMU (over QMP) refused or failed a step of working with a running VM."""
+
+
 class Warning_(DiskvaultError):
     """A condition that completes the command but ends it with exit code 1."""
 

@@ -26,6 +26,7 @@ from . import (
     extract_cmd,
     info_cmd,
     init_cmd,
+    instant_restore_cmd,
     key_cmd,
     list_cmd,
     lock_cmd,
@@ -38,6 +39,7 @@ from . import (
 COMMANDS = [
     init_cmd, create_cmd, extract_cmd, list_cmd, info_cmd, delete_cmd, rename_cmd,
     disk_cmd, check_cmd, prune_cmd, compact_cmd, key_cmd, lock_cmd, config_cmd, serve_nbd_cmd,
+    instant_restore_cmd,
 ]
 
 

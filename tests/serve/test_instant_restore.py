@@ -1,0 +1,176 @@
+"""Instant restore with a real guest (Debian's kernel, a busybox initramfs, TCG).
+
+The guest boots from the backup through QEMU's NBD client, writes a file a second while
+``block-stream`` copies the disk to a local qcow2 target, keeps running on the target
+once the copy is complete and the export is gone; the target then holds every write the
+guest reported. The copy is held back (``--speed``) until the guest has written, then
+let go over a second QMP monitor: the order is forced by events, not by timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from serve.guest import build_disk, build_initramfs, kernel, qemu_cmd
+from support import dv, init_repo, needs_tool
+
+pytestmark = [
+    needs_tool("qemu-system-x86_64", "qemu-img", "busybox", "cpio", "mkfs.ext4", "debugfs",
+               "e2fsck"),
+    pytest.mark.skipif(kernel() is None, reason="needs a kernel in /boot (linux-image-amd64)"),
+]
+
+DEADLINE = 600.0  # a boot under TCG on a busy 2-core machine: generous, never a sleep
+
+
+class Monitor:
+    """The test's own QMP monitor (QEMU takes several)."""
+
+    def __init__(self, path: str) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.f = self.s.makefile("rwb")
+        self.f.readline()
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args: object) -> object:
+        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.f.flush()
+        while True:
+            msg = json.loads(self.f.readline())
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise AssertionError(f"{name}: {msg['error']}")
+
+    def close(self) -> None:
+        self.f.close()
+        self.s.close()
+
+
+def wait_for(cond, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"QEMU exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)  # polling a condition, with a deadline
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def serial(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def ticks(log: Path) -> dict[int, str]:
+    return {int(n): h for n, h in re.findall(r"DV-TICK (\d+) ([0-9a-f]{32})", serial(log))}
+
+
+def wait_socket(path: str, proc: subprocess.Popen) -> None:
+    wait_for(lambda: os.path.exists(path), f"socket {path}", proc)
+
+
+def files_in_target(target: str, tmp: Path) -> dict[int, str]:
+    """md5 of every /log file in the target's ext4, read without a guest (debugfs)."""
+    raw = tmp / "target.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", target, str(raw)], check=True)
+    # the guest was stopped, not shut down: replay its journal as a mount would
+    fsck = subprocess.run(["e2fsck", "-fy", str(raw)], capture_output=True)
+    assert fsck.returncode in (0, 1), fsck.stdout
+    out = subprocess.run(["debugfs", "-R", "ls -l /log", str(raw)], capture_output=True,
+                         text=True, check=True).stdout
+    sums = {}
+    for name in re.findall(r"\s(\d+)\s*$", out, re.M):
+        data = subprocess.run(["debugfs", "-R", f"cat /log/{name}", str(raw)],
+                              capture_output=True, check=True).stdout
+        sums[int(name)] = hashlib.md5(data).hexdigest()
+    raw.unlink()
+    return sums
+
+
+@pytest.mark.parametrize("second_boot", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
+def test_instant_restore_real_guest(tmp_path: Path, second_boot: bool) -> None:
+    initrd = build_initramfs(tmp_path)
+    disk = build_disk(tmp_path)
+    repo = str(tmp_path / "repo")
+    env = init_repo(repo, "repokey")
+    dv("create", f"{repo}::vm", disk, env=env)
+    os.unlink(disk)  # the guest must come from the backup
+    log, qmp, mon = tmp_path / "serial.log", str(tmp_path / "qmp.sock"), str(tmp_path / "t.sock")
+    target = str(tmp_path / "target.qcow2")
+    vm = subprocess.Popen(qemu_cmd(initrd, str(log), "-S",
+                                   "-qmp", f"unix:{qmp},server=on,wait=off",
+                                   "-qmp", f"unix:{mon},server=on,wait=off"))
+    restore = None
+    try:
+        wait_socket(qmp, vm)
+        wait_socket(mon, vm)
+        restore = subprocess.Popen(
+            [sys.executable, "-m", "diskvault", "instant-restore", "--qmp", qmp,
+             "--speed", "64K", f"{repo}::vm", target],
+            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        m = Monitor(mon)
+        # the guest boots from the export and writes while the copy is held back
+        wait_for(lambda: len(ticks(log)) >= 2, "the guest's first writes", vm)
+        assert "DV-BOOT-OK" in serial(log)
+        jobs = m.cmd("query-block-jobs")
+        assert isinstance(jobs, list) and [j["device"] for j in jobs] == ["dv-restore"], jobs
+        assert jobs[0]["offset"] < jobs[0]["len"]  # the copy is still running
+        m.cmd("block-job-set-speed", device="dv-restore", speed=0)
+        out, err = restore.communicate(timeout=DEADLINE)
+        assert restore.returncode == 0, err.decode()
+        assert b"is complete" in out
+        # the VM runs on the target alone: no backing, the export node is gone
+        nodes = m.cmd("query-named-block-nodes")
+        assert isinstance(nodes, list)
+        assert not any(n.get("node-name") == "dv-backup" for n in nodes)
+        assert not any(n.get("backing_file") for n in nodes)
+        # ... and keeps writing
+        done_at = max(ticks(log))
+        wait_for(lambda: max(ticks(log)) >= done_at + 2, "writes after the copy", vm)
+        m.cmd("stop")  # every tick printed so far was synced before it was printed
+        written = ticks(log)
+        m.cmd("quit")
+        vm.wait(DEADLINE)
+        m.close()
+    finally:
+        for p in (restore, vm):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if restore is not None:
+            for f in (restore.stdout, restore.stderr):
+                if f:
+                    f.close()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", target],
+                                     capture_output=True, check=True).stdout)
+    assert "backing-filename" not in info and info["virtual-size"] == 64 << 20
+    subprocess.run(["qemu-img", "check", "-q", target], check=True)
+    got = files_in_target(target, tmp_path)
+    assert all(got.get(n) == h for n, h in written.items()), (written, got)
+    if not second_boot:
+        return
+    # the target boots on its own and the guest finds its writes
+    log2 = tmp_path / "serial2.log"
+    vm = subprocess.Popen(qemu_cmd(initrd, str(log2), "-drive",
+                                   f"file={target},format=qcow2,if=virtio"))
+    try:
+        wait_for(lambda: "DV-DONE" in serial(log2), "the second boot", vm)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait()
+    seen = dict(re.findall(r"DV-SUM (\d+) ([0-9a-f]{32})", serial(log2)))
+    assert all(seen.get(str(n)) == h for n, h in written.items()), (written, seen)
