@@ -174,3 +174,95 @@ def test_instant_restore_real_guest(tmp_path: Path, second_boot: bool) -> None:
         vm.wait()
     seen = dict(re.findall(r"DV-SUM (\d+) ([0-9a-f]{32})", serial(log2)))
     assert all(seen.get(str(n)) == h for n, h in written.items()), (written, seen)
+
+
+def paused_qemu(tmp: Path) -> tuple[subprocess.Popen, str]:
+    """A QEMU without a guest, paused before it starts: block jobs run all the same."""
+    qmp = str(tmp / "q.sock")
+    vm = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-S",
+                           "-nodefaults", "-display", "none", "-monitor", "none",
+                           "-qmp", f"unix:{qmp},server=on,wait=off"])
+    wait_socket(qmp, vm)
+    return vm, qmp
+
+
+@pytest.fixture
+def image_archive(tmp_path: Path) -> tuple[str, dict, bytes]:
+    from support import make_vm_image
+
+    img = str(tmp_path / "vm.img")
+    make_vm_image(img, 12)
+    repo = str(tmp_path / "repo")
+    env = init_repo(repo, "none")
+    dv("create", "--chunker-params", "fixed,262144", f"{repo}::vm", img, env=env)
+    return repo, env, dv("extract", "--stdout", f"{repo}::vm", env=env).stdout
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_copy_is_byte_identical(image_archive, tmp_path: Path, fmt: str) -> None:
+    """block-stream (qcow2) and mirror + pivot (raw), without a guest writing."""
+    repo, env, want = image_archive
+    vm, qmp = paused_qemu(tmp_path)
+    target = str(tmp_path / f"target.{fmt}")
+    try:
+        r = dv("instant-restore", "--qmp", qmp, "--no-start", "--format", fmt,
+               f"{repo}::vm", target, env=env, timeout=DEADLINE)
+        assert b"is complete" in r.stdout
+        m = Monitor(qmp)  # the monitor diskvault used, free again
+        nodes = m.cmd("query-named-block-nodes")
+        assert isinstance(nodes, list)
+        names = {n.get("node-name") for n in nodes}
+        # the disk is the target alone: qcow2 streamed into, raw pivoted to
+        assert "dv-backup" not in names
+        assert ("dv-disk" in names) if fmt == "qcow2" else ("dv-target" in names
+                                                            and "dv-disk" not in names)
+        m.cmd("quit")
+        m.close()
+        vm.wait(DEADLINE)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
+    raw = tmp_path / "check.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", target, str(raw)],
+                   check=True)
+    assert raw.read_bytes() == want
+    assert not os.path.exists(target + ".dv-overlay.qcow2")
+    if fmt == "qcow2":
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", target],
+                                         capture_output=True, check=True).stdout)
+        assert "backing-filename" not in info
+
+
+def test_bad_input_leaves_nothing(image_archive, tmp_path: Path) -> None:
+    repo, env, _ = image_archive
+    target = tmp_path / "t.qcow2"
+    vm, qmp = paused_qemu(tmp_path)
+    try:
+        for args, msg in [
+            (["--qmp", str(tmp_path / "none.sock"), f"{repo}::vm", str(target)],
+             "does not exist"),
+            (["--qmp", qmp, f"{repo}::nope", str(target)], "archive 'nope' does not exist"),
+            (["--qmp", qmp, f"{repo}::vm", str(target), "no/item"], "has no item"),
+            # QEMU refuses the device: the nodes and the new image are taken back
+            (["--qmp", qmp, "--device", "no-such-device", f"{repo}::vm", str(target)],
+             "QEMU refused device_add"),
+        ]:
+            r = dv("instant-restore", *args, env=env, check=False, timeout=DEADLINE)
+            err = r.stderr.decode()
+            assert r.returncode == 2 and err.count("\n") == 1 and msg in err, (args, err)
+            assert not target.exists()
+        target.write_bytes(b"keep")
+        r = dv("instant-restore", "--qmp", qmp, f"{repo}::vm", str(target), env=env,
+               check=False)
+        assert r.returncode == 2 and "exists" in r.stderr.decode()
+        assert target.read_bytes() == b"keep"
+        m = Monitor(qmp)
+        assert m.cmd("query-named-block-nodes") == []
+        m.cmd("quit")
+        m.close()
+        vm.wait(DEADLINE)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()

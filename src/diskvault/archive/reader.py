@@ -106,6 +106,9 @@ class ChunkCache:
         return fut
 
     def prefetch(self, chunk_id: bytes) -> None:
+        with self._lock:
+            if chunk_id in self._lru or chunk_id in self._inflight:
+                return
         self.submit(chunk_id)
 
     def _claim(self, chunk_id: bytes) -> tuple[bytes | None, Future[bytes] | None, bool]:
@@ -180,9 +183,8 @@ class ItemReader:
         self._ends = starts[1:] + [pos]
         self._kinds = kinds
         self._refs = refs
-        self._next_lock = threading.Lock()
-        self._seq_end = -1  # where the last read ended: a read starting here is sequential
-        self._ahead_end = 0  # read-ahead has been started up to here
+        self._ra_lock = threading.Lock()
+        self._recent_ends: OrderedDict[int, None] = OrderedDict()  # where recent reads ended
 
     # --- reading ------------------------------------------------------------------
 
@@ -257,20 +259,23 @@ class ItemReader:
         return data
 
     def _maybe_readahead(self, offset: int, end: int, last: int) -> None:
-        """On a sequential read, keep chunks up to ``readahead`` bytes ahead in flight."""
+        """On a sequential read, start fetching the chunks up to ``readahead`` bytes ahead.
+
+        A read is sequential if it starts where a recent read ended: several streams
+        (NBD connections, requests in flight out of order) each keep their read-ahead.
+        """
         if self.readahead <= 0:
             return
-        with self._next_lock:
-            sequential = offset == self._seq_end
-            self._seq_end = end
-            if not sequential:
-                return
-            target = min(self.size, end + self.readahead)
-            start = max(end, self._ahead_end)
-            if start >= target:
-                return
-            self._ahead_end = target
-        for i in range(self._index(start), self._index(target - 1) + 1):
+        with self._ra_lock:
+            sequential = offset == 0 or offset in self._recent_ends
+            self._recent_ends[end] = None
+            self._recent_ends.pop(offset, None)
+            while len(self._recent_ends) > 64:
+                self._recent_ends.popitem(last=False)
+        if not sequential or last + 1 >= len(self._starts):
+            return
+        target = min(self.size, end + self.readahead)
+        for i in range(last + 1, self._index(target - 1) + 1):
             ref = self._refs[i]
             if self._kinds[i] == DATA and ref is not None:
                 self.cache.prefetch(ref)

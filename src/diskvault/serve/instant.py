@@ -63,11 +63,19 @@ def create_target(plan: Plan) -> str | None:
 
 
 def run(plan: Plan, stop: threading.Event, progress: Callable[[int, int], None]) -> None:
-    """Attach, start and copy; returns when the VM runs on the target alone."""
-    overlay = create_target(plan)
+    """Attach, start and copy; returns when the VM runs on the target alone.
+
+    Until the VM has been continued nothing is left behind on failure: the nodes are
+    removed from QEMU and the new images deleted.
+    """
     qmp = Qmp(plan.qmp_path)
     try:
-        _attach(qmp, plan, overlay)
+        overlay = create_target(plan)
+        try:
+            _attach(qmp, plan, overlay)
+        except BaseException:
+            _undo(qmp, plan, overlay)
+            raise
         if plan.start and qmp.execute("query-status").get("status") in ("prelaunch", "paused"):
             qmp.execute("cont")
         if overlay is None:
@@ -79,13 +87,23 @@ def run(plan: Plan, stop: threading.Event, progress: Callable[[int, int], None])
                                                "speed": plan.speed})
         _wait_job(qmp, stop, progress, pivot=overlay is not None)
         if overlay is not None:
-            with contextlib.suppress(VmError):
-                qmp.execute("blockdev-del", **{"node-name": TOP_NODE})
-            with contextlib.suppress(OSError):
-                os.unlink(overlay)
+            qmp.execute("blockdev-del", **{"node-name": TOP_NODE})
+            os.unlink(overlay)
         qmp.execute("blockdev-del", **{"node-name": SRC_NODE})
     finally:
         qmp.close()
+
+
+def _undo(qmp: Qmp, plan: Plan, overlay: str | None) -> None:
+    """Best effort: take back the nodes _attach added (the device, added last, was not),
+    delete the images create_target made."""
+    for node in (RAW_NODE, TOP_NODE, SRC_NODE):
+        with contextlib.suppress(VmError):
+            qmp.execute("blockdev-del", **{"node-name": node})
+    for path in (plan.target, overlay):
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _attach(qmp: Qmp, plan: Plan, overlay: str | None) -> None:
