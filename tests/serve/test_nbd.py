@@ -17,9 +17,10 @@ import pytest
 from serve.nbd_client import CMD_WRITE, Client, NbdError
 from support import dv, init_repo, make_vm_image
 
-pytestmark = pytest.mark.skipif(
+needs_nbd_tools = pytest.mark.skipif(
     any(not os.path.exists(f"/usr/bin/{t}") for t in ("nbdinfo", "nbdcopy", "qemu-img")),
     reason="needs nbdinfo, nbdcopy (libnbd-bin) and qemu-img (qemu-utils)")
+pytestmark = needs_nbd_tools
 
 CHUNK = 256 << 10
 
