@@ -57,16 +57,18 @@ class Monitor:
         self.s.close()
 
 
-def wait_for(cond, what: str, proc: subprocess.Popen | None = None):
+def wait_for(cond, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + DEADLINE
+    tail = (lambda: "; serial console: " + serial(log)[-1500:]) if log else (lambda: "")
     while time.monotonic() < deadline:
         v = cond()
         if v:
             return v
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"QEMU exited ({proc.returncode}) while waiting for {what}")
+            raise AssertionError(f"QEMU exited ({proc.returncode}) while waiting for {what}"
+                                 + tail())
         time.sleep(0.2)  # polling a condition, with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + tail())
 
 
 def serial(log: Path) -> str:
@@ -123,7 +125,7 @@ def test_instant_restore_real_guest(tmp_path: Path, second_boot: bool) -> None:
             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         m = Monitor(mon)
         # the guest boots from the export and writes while the copy is held back
-        wait_for(lambda: len(ticks(log)) >= 2, "the guest's first writes", vm)
+        wait_for(lambda: len(ticks(log)) >= 2, "the guest's first writes", vm, log)
         assert "DV-BOOT-OK" in serial(log)
         jobs = m.cmd("query-block-jobs")
         assert isinstance(jobs, list) and [j["device"] for j in jobs] == ["dv-restore"], jobs
@@ -139,7 +141,7 @@ def test_instant_restore_real_guest(tmp_path: Path, second_boot: bool) -> None:
         assert not any(n.get("backing_file") for n in nodes)
         # ... and keeps writing
         done_at = max(ticks(log))
-        wait_for(lambda: max(ticks(log)) >= done_at + 2, "writes after the copy", vm)
+        wait_for(lambda: max(ticks(log)) >= done_at + 2, "writes after the copy", vm, log)
         m.cmd("stop")  # every tick printed so far was synced before it was printed
         written = ticks(log)
         m.cmd("quit")
@@ -167,7 +169,7 @@ def test_instant_restore_real_guest(tmp_path: Path, second_boot: bool) -> None:
     vm = subprocess.Popen(qemu_cmd(initrd, str(log2), "-drive",
                                    f"file={target},format=qcow2,if=virtio"))
     try:
-        wait_for(lambda: "DV-DONE" in serial(log2), "the second boot", vm)
+        wait_for(lambda: "DV-DONE" in serial(log2), "the second boot", vm, log2)
     finally:
         if vm.poll() is None:
             vm.kill()
