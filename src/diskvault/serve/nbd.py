@@ -374,6 +374,9 @@ class Transmission:
             except DiskvaultError as e:
                 self.c.srv.log(f"{self.export.name}: {e}")
                 self.fail(cookie, EIO, str(e))
+            except Exception as e:  # noqa: BLE001 - a bug: answer it, keep serving
+                self.c.srv.log(f"{self.export.name}: internal error: {type(e).__name__}: {e}")
+                self.fail(cookie, EIO, "internal error")
             else:
                 self.c.w.write(out)
         with contextlib.suppress(ConnectionError):
