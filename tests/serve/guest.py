@@ -30,12 +30,13 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 {insmods}
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+while [ ! -b /dev/vda ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done
 mkdir -p /mnt
 if mount -t ext4 /dev/vda /mnt; then
     exec /bin/sh /mnt/run.sh
 fi
 echo DV-NO-DISK
+dmesg | tail -30
 poweroff -f
 """
 
