@@ -105,6 +105,10 @@ class ChunkCache:
                 self._fetch(chunk_id, fut)
         return fut
 
+    def has(self, chunk_id: bytes) -> bool:
+        """Whether the chunk is cached now (a hint: it may be evicted at any time)."""
+        return chunk_id in self._lru
+
     def prefetch(self, chunk_id: bytes) -> None:
         with self._lock:
             if chunk_id in self._lru or chunk_id in self._inflight:
@@ -222,6 +226,21 @@ class ItemReader:
         assert run_kind is not None
         yield run_start, end - run_start, run_kind
 
+    def cached(self, offset: int, length: int) -> bool:
+        """Whether reading the range needs no fetch now (a hint for callers that would
+        rather not hand a read to a thread when it is served from memory)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return True
+        for i in range(self._index(offset), self._index(end - 1) + 1):
+            ref = self._refs[i]
+            if self._kinds[i] != DATA or ref is None:
+                if self._kinds[i] not in (ZERO, UNUSED):
+                    return False
+            elif not self.cache.has(ref):
+                return False
+        return True
+
     def _index(self, offset: int) -> int:
         return bisect.bisect_right(self._starts, offset) - 1
 
@@ -338,6 +357,10 @@ class ConcatReader(ItemReader):
                 run = [p.start + o, n, kind]
         if run:
             yield run[0], run[1], run[2]
+
+    def cached(self, offset: int, length: int) -> bool:
+        return all(p.reader is None or p.reader.cached(a, z - a)
+                   for p, a, z in self._pieces(offset, offset + length))
 
     def _pieces(self, offset: int, end: int) -> Iterator[tuple[_Part, int, int]]:
         """``(part, start, end)`` relative to each part, for the disk range [offset, end)."""

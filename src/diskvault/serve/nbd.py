@@ -66,6 +66,7 @@ MAX_REQUEST = 32 << 20  # largest READ (advertised as the maximum block size)
 PREFERRED_BLOCK = 64 << 10
 MAX_INFLIGHT = 32  # requests of one connection being served at once (bounds memory)
 MAX_DESCRIPTORS = 1 << 16
+INLINE_READ = 256 << 10  # cached reads up to this size are answered on the event loop
 
 
 class _Abort(Exception):
@@ -368,9 +369,17 @@ class Transmission:
         else:
             loop = asyncio.get_running_loop()
             fn = self.read_reply if cmd == CMD_READ else self.status_reply
+            # a lone small read served from memory skips the hop to a thread, the larger
+            # part of its cost; with more requests in flight the threads overlap them
+            inline = cmd == CMD_BLOCK_STATUS or (
+                len(self.tasks) <= 1 and length <= INLINE_READ
+                and self.reader.cached(offset, length))
             try:
-                out = await loop.run_in_executor(self.c.srv.pool, fn, flags, cookie,
-                                                 offset, length)
+                if inline:
+                    out = fn(flags, cookie, offset, length)
+                else:
+                    out = await loop.run_in_executor(self.c.srv.pool, fn, flags, cookie,
+                                                     offset, length)
             except DiskvaultError as e:
                 self.c.srv.log(f"{self.export.name}: {e}")
                 self.fail(cookie, EIO, str(e))
