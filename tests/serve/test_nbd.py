@@ -213,7 +213,7 @@ def test_bad_input_is_one_error_line(image_repo, tmp_path: Path) -> None:
     for args, msg in [
         ([f"{repo}::nope"], "archive 'nope' does not exist"),
         ([f"{repo}::a", "no/such"], "has no item 'no/such'"),
-        ([str(tmp_path / "none") + "::a"], "is not a diskvault repository"),
+        ([str(tmp_path / "none") + "::a"], f"{tmp_path / 'none'}"),  # no repository there
         (["--port", "70000", f"{repo}::a"], "invalid port"),
     ]:
         r = dv("serve-nbd", *args, env=env, check=False, timeout=120)
