@@ -252,3 +252,18 @@ def test_sigkill_leaves_nothing_behind(image_repo, tmp_path: Path) -> None:
     dv("compact", repo, env=env, timeout=120)
     assert time.monotonic() < deadline
     assert not list((Path(repo) / "locks").iterdir())
+
+
+def test_several_items_and_no_default(image_repo, tmp_path: Path) -> None:
+    repo, env, _ = image_repo
+    for n in ("x", "y"):
+        (tmp_path / n).write_bytes(n.encode() * 5000)
+    dv("create", f"{repo}::two", str(tmp_path / "x"), str(tmp_path / "y"), env=env)
+    with serving("--port", "0", f"{repo}::two", env=env) as (uri, _):
+        with pytest.raises(NbdError) as e:
+            Client(uri)  # the empty name: no default export to choose
+        assert e.value.errno == 6 and "no default export" in e.value.msg
+        name = f"{str(tmp_path).strip('/')}/y"
+        c = Client(uri, export=name)
+        assert c.size == 5000 and c.pread(0, 5000) == b"y" * 5000
+        c.close()
