@@ -4,10 +4,10 @@ even when diskvault dies — by an error, SIGTERM or SIGKILL.
 Why a process: after a SIGKILL no code of ours runs, yet a frozen filesystem must be
 thawed (its writers sleep uninterruptibly until then) and a `virsh suspend` must be
 followed by its `virsh resume`. The watchdog runs in its own session (a Ctrl-C or a
-signal to diskvault's process group does not reach it) and holds the read end of a
-pipe whose only write end diskvault holds. It performs its action exactly once, on the
+signal to diskvault's process group does not reach it) and reads a socket whose only
+other end diskvault holds. It performs its action exactly once, on the
 first of: a ``release`` line (the normal path: diskvault asks it to undo now and reads
-the result), end of file (diskvault died: the kernel closed the pipe), its deadline
+the result), end of file (diskvault died: the kernel closed its socket), its deadline
 (a freeze held too long), or SIGTERM/SIGHUP/SIGINT to the watchdog itself.
 
 Everything the action needs (the mountpoint's file descriptor for FITHAW, the shell)
@@ -27,6 +27,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,14 +90,25 @@ class Watchdog:
                  start_timeout: float = 60.0) -> None:
         self.action = action
         self.released: tuple[bool, str] | None = None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "diskvault.source.watchdog", json.dumps(action),
-             "-" if deadline is None else repr(deadline)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
-            close_fds=True)
+        # a socket, not a pipe, towards the watchdog: a watchdog that already acted (its
+        # deadline) has closed its end, and a send with MSG_NOSIGNAL then fails with EPIPE
+        # instead of killing diskvault with SIGPIPE (the CLI restores SIGPIPE's default)
+        self.sock, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "diskvault.source.watchdog", json.dumps(action),
+                 "-" if deadline is None else repr(deadline)],
+                stdin=theirs.fileno(), stdout=subprocess.PIPE, start_new_session=True,
+                close_fds=True)
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
         assert self.proc.stdout is not None
         line = _read_line(self.proc.stdout.fileno(), start_timeout)
         if line != "ready":
+            self.sock.close()
             self.proc.kill()
             self.proc.wait()
             raise OSError(f"the watchdog did not start ({line or 'no answer'})")
@@ -105,12 +117,12 @@ class Watchdog:
         """Have the watchdog act now; (ok, detail). Idempotent."""
         if self.released is not None:
             return self.released
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdout is not None
         try:
-            self.proc.stdin.write(b"release\n")
-            self.proc.stdin.close()
+            self.sock.send(b"release\n", socket.MSG_NOSIGNAL)
         except OSError:
-            pass  # it died: its EOF path or our caller's fallback covers it
+            pass  # it acted already (deadline) or died: its answer or our caller's fallback
+        self.sock.close()
         line = _read_line(self.proc.stdout.fileno(), timeout)
         try:
             res = json.loads(line) if line else None
@@ -161,7 +173,7 @@ def main(argv: list[str]) -> int:
     if fd is not None:
         ok, detail = thaw_fd(fd)
     else:
-        # stdin of the command: not our pipe (it must not read diskvault's protocol)
+        # stdin of the command: not our socket (it must not read diskvault's protocol)
         r = subprocess.run(action["run"], shell=True, stdin=subprocess.DEVNULL,
                            stdout=sys.stderr, check=False)
         ok, detail = r.returncode == 0, f"exit code {r.returncode}"
