@@ -143,3 +143,25 @@ def test_refuses_root_and_non_mount_points(fs):
         assert r.returncode == 2
         assert msg in r.stderr.decode()
         assert len(r.stderr.decode().strip().splitlines()) == 1
+
+
+@needs_tool("e2fsck", "debugfs", "findmnt")
+def test_disk_backup_of_the_frozen_device_is_clean_and_skips_free_blocks(fs, tmp_path):
+    mnt, _, repo, env, _ = fs
+    content = os.urandom(300 << 10)
+    with open(os.path.join(mnt, "fresh"), "wb") as f:
+        f.write(content)  # not synced: the freeze writes it out and settles the journal
+    dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", mnt], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    r = dv("disk", "backup", "--json", "--fsfreeze", mnt, dev, f"{repo}::d", env=env)
+    assert r.stderr == b""  # frozen: not "in use read-write", so no warning, exit 0
+    assert b'"fs": "ext4"' in r.stdout
+    out = tmp_path / "restored.img"
+    with open(out, "wb") as f:
+        f.write(dv("extract", "--stdout", f"{repo}::d", env=env).stdout)
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr  # clean: no journal to replay
+    got = subprocess.run(["debugfs", "-R", "cat /fresh", str(out)], capture_output=True,
+                         check=True).stdout
+    assert got == content
+    assert_thawed(mnt)

@@ -30,6 +30,14 @@ import time
 from ..errors import FreezeError
 from .watchdog import FIFREEZE, Watchdog, thaw_fd
 
+# what this process holds frozen: such a filesystem does not change while it is read,
+# so a mounted device under it is as good as read-only (paths.writable_mounts asks)
+_FROZEN: set[str] = set()
+
+
+def frozen_by_us(mountpoint: str) -> bool:
+    return os.path.realpath(mountpoint) in _FROZEN
+
 
 def _mounts() -> list[tuple[str, str, str]]:
     """(mount point, major:minor of its superblock, fs type) from /proc/self/mountinfo."""
@@ -100,6 +108,7 @@ class Freezes:
                 why = ("this filesystem cannot be frozen" if e.errno == 95 else e.strerror)
                 raise FreezeError(f"--fsfreeze {mp}: {why}") from None
             self.frozen.append((mp, fd, dog))
+            _FROZEN.add(mp)
 
     def check_deadline(self) -> None:
         """Fail when the time limit ran out: the watchdog has thawed (or is thawing), so
@@ -116,6 +125,7 @@ class Freezes:
         errors = []
         while self.frozen:
             mp, fd, dog = self.frozen.pop()
+            _FROZEN.discard(mp)
             ok, detail = dog.release(timeout=30)
             if not ok:  # the watchdog died or hung: thaw ourselves
                 ok, detail = thaw_fd(fd)
