@@ -16,7 +16,7 @@ import sys
 from ..archive.create import CreateOptions
 from ..archive.disk import DiskBackupResult, DiskSource, backup_disk, plan_backup
 from ..chunking.base import ChunkerParams
-from ..errors import UsageError, Warning_
+from ..errors import ArchiveExists, UsageError, Warning_
 from ..repository.compression import Compression
 from ..source.disks import find_by_serial
 from ..source.pointintime import PointInTime
@@ -96,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
     pit_opts = point_in_time_options(args)
     pit = None
     with contextlib.ExitStack() as stack:
+        repo = None
         if pit_opts.active:
+            # the repository first: an existing name must stop us before a pre-command
+            repo = stack.enter_context(open_repo(repo_loc, WRITE, args.lock_wait))
+            if name in repo.manifest.archives:
+                raise ArchiveExists(name)
             # taken before the disk is opened: the table and block maps are read from
             # the point in time too
             pit = stack.enter_context(PointInTime(pit_opts, [path], protected_paths(repo_loc)))
@@ -108,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
                                keep_unpartitioned=args.keep_unpartitioned)
             for w in plan.warnings:  # before the long read, so the user can still stop it
                 sys.stderr.write(f"diskvault: warning: {w}\n")
-            with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
-                result = backup_disk(repo, name, plan, opts)
+            with (contextlib.nullcontext(repo) if repo is not None
+                  else open_repo(repo_loc, WRITE, args.lock_wait)) as r:
+                result = backup_disk(r, name, plan, opts)
         finally:
             src.close()
     if progress:
