@@ -184,3 +184,18 @@ class Warning_(DiskvaultError):
     """A condition that completes the command but ends it with exit code 1."""
 
     exit_code = 1
+
+
+# --- points in time on the host (--snapshot, --fsfreeze, --pre/--post-command) ---------
+
+
+class SnapshotError(SourceError):
+    """A filesystem snapshot could not be taken or a path is not on a snapshotable fs."""
+
+
+class FreezeError(SourceError):
+    """A filesystem could not (or must not) be frozen, or stayed frozen too long."""
+
+
+class HookError(DiskvaultError):
+    """A --pre-command failed: nothing was read."""

@@ -59,6 +59,9 @@ class CreateOptions:
     comment: str = ""
     progress: Callable[[int, int | None], None] | None = None  # (done, total)
     upload_threads: int | None = None  # packs uploaded at once; None: what the store suits
+    # called once every byte is read, before the archive is committed: a point-in-time
+    # guard (fsfreeze) raises here if its time limit ran out during the read
+    before_commit: Callable[[], None] | None = None
 
 
 class _DryWriter:
@@ -183,6 +186,8 @@ class ArchiveBuilder:
     # --- the whole archive ---------------------------------------------------------
 
     def commit(self, name: str, extra: dict | None = None) -> dict:
+        if self.opts.before_commit is not None:
+            self.opts.before_commit()
         self.stats.seconds = time.time() - self.started
         meta = {
             "version": ARCHIVE_VERSION, "name": name, "time": self.started,

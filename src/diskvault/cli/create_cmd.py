@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from ..chunking.base import ChunkerParams
 from ..errors import ArchiveExists, UsageError
 from ..repository.compression import Compression
 from ..source.paths import CommandSource, Source, SourceOptions, stdin_source, walk
+from ..source.pointintime import PointInTime, walk_at
 from .common import (
     WRITE,
     Progress,
@@ -21,6 +23,12 @@ from .common import (
     fmt_size,
     open_repo,
     split_location,
+)
+from .pointintime_opts import (
+    add_point_in_time,
+    point_in_time_options,
+    print_notes,
+    protected_paths,
 )
 
 
@@ -50,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--comment", default="")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     add_upload_connections(p)
+    add_point_in_time(p)
     p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("-s", "--stats", action="store_true")
@@ -76,15 +85,28 @@ def run(args: argparse.Namespace) -> int:
                           read_special_timeout=args.read_special_timeout,
                           one_file_system=args.one_file_system,
                           skip_unused=args.skip_unused)
+    pit_opts = point_in_time_options(args)
+    files = [] if args.content_from_command else [p for p in args.paths if p != "-"]
+    if (pit_opts.snapshot or pit_opts.fsfreeze) and not files:
+        raise UsageError("--snapshot and --fsfreeze need PATHs to back up")
+    pit = None
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         if name in repo.manifest.archives:  # before a command starts or a byte is read
             raise ArchiveExists(name)
         warnings: list[str] = []
-        if args.content_from_command:
-            sources = iter([CommandSource(args.paths, args.stdin_name, args.stdin_mode).source])
-        else:
-            sources = _warn(_sources(args, sopts), warnings)
-        meta, stats = create_archive(repo, name, sources, opts)
+        with contextlib.ExitStack() as stack:
+            if pit_opts.active:
+                pit = stack.enter_context(
+                    PointInTime(pit_opts, files, protected_paths(repo_loc)))
+                opts.before_commit = pit.check
+            if args.content_from_command:
+                sources = iter([CommandSource(args.paths, args.stdin_name,
+                                              args.stdin_mode).source])
+            else:
+                sources = _warn(_sources(args, sopts, pit), warnings)
+            meta, stats = create_archive(repo, name, sources, opts)
+    if pit is not None:
+        print_notes(pit.notes)
     if opts.progress:
         opts.progress.done()  # type: ignore[attr-defined]
     if args.json:
@@ -93,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
                           "dry_run": args.dry_run}, indent=2))
     elif args.stats:
         print_stats(name, stats, sys.stdout)
+    if pit is not None:
+        pit.finish()  # a failed --post-command: exit 1, after the output
     return 1 if warnings else 0
 
 
@@ -105,10 +129,12 @@ def _warn(sources: Iterator[Source], warnings: list[str]) -> Iterator[Source]:
         yield src
 
 
-def _sources(args: argparse.Namespace, sopts: SourceOptions):
+def _sources(args: argparse.Namespace, sopts: SourceOptions, pit: PointInTime | None):
     for p in args.paths:
         if p == "-":
             yield stdin_source(args.stdin_name, args.stdin_mode)
+        elif pit is not None and pit.path(p) != p:
+            yield from walk_at(p, pit.path(p), sopts)
         else:
             yield from walk([p], sopts)
 

@@ -9,15 +9,17 @@ refuses to guess when no disk or several disks match.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
 from ..archive.create import CreateOptions
 from ..archive.disk import DiskBackupResult, DiskSource, backup_disk, plan_backup
 from ..chunking.base import ChunkerParams
-from ..errors import UsageError, Warning_
+from ..errors import ArchiveExists, UsageError, Warning_
 from ..repository.compression import Compression
 from ..source.disks import find_by_serial
+from ..source.pointintime import PointInTime
 from .common import (
     WRITE,
     Progress,
@@ -29,6 +31,12 @@ from .common import (
 )
 from .create_cmd import print_stats
 from .info_cmd import format_disk_items
+from .pointintime_opts import (
+    add_point_in_time,
+    point_in_time_options,
+    print_notes,
+    protected_paths,
+)
 
 
 def register_disk(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +63,7 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--comment", default="")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     add_upload_connections(p)
+    add_point_in_time(p)
     p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
     p.add_argument("-p", "--progress", action="store_true")
     p.add_argument("-s", "--stats", action="store_true",
@@ -84,19 +93,38 @@ def run(args: argparse.Namespace) -> int:
                          workers=args.workers, dry_run=args.dry_run, comment=args.comment,
                          upload_threads=args.upload_connections,
                          progress=progress)
-    src = DiskSource.open(path)
-    try:
-        plan = plan_backup(src, skip_unused=args.skip_unused,
-                           keep_unpartitioned=args.keep_unpartitioned)
-        for w in plan.warnings:  # before the long read, so the user can still stop it
-            sys.stderr.write(f"diskvault: warning: {w}\n")
-        with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
-            result = backup_disk(repo, name, plan, opts)
-    finally:
-        src.close()
+    pit_opts = point_in_time_options(args)
+    pit = None
+    with contextlib.ExitStack() as stack:
+        repo = None
+        if pit_opts.active:
+            # the repository first: an existing name must stop us before a pre-command
+            repo = stack.enter_context(open_repo(repo_loc, WRITE, args.lock_wait))
+            if name in repo.manifest.archives:
+                raise ArchiveExists(name)
+            # taken before the disk is opened: the table and block maps are read from
+            # the point in time too
+            pit = stack.enter_context(PointInTime(pit_opts, [path], protected_paths(repo_loc)))
+            opts.before_commit = pit.check
+        src = DiskSource.open(pit.path(path) if pit else path)
+        src.path = path  # the archive names the disk, not its snapshot
+        try:
+            plan = plan_backup(src, skip_unused=args.skip_unused,
+                               keep_unpartitioned=args.keep_unpartitioned)
+            for w in plan.warnings:  # before the long read, so the user can still stop it
+                sys.stderr.write(f"diskvault: warning: {w}\n")
+            with (contextlib.nullcontext(repo) if repo is not None
+                  else open_repo(repo_loc, WRITE, args.lock_wait)) as r:
+                result = backup_disk(r, name, plan, opts)
+        finally:
+            src.close()
     if progress:
         progress.done()
+    if pit is not None:
+        print_notes(pit.notes)
     _report(args, name, result)
+    if pit is not None:
+        pit.finish()
     if result.warnings:
         raise Warning_(f"{len(result.warnings)} warning(s): the backup of {path} is not "
                        "crash-consistent")

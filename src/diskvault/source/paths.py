@@ -324,6 +324,10 @@ def writable_mounts(path: str, ranges: list[tuple[int, int]]) -> list[list[str]]
 def _read_only(mountpoint: str) -> bool:
     if mountpoint == "[SWAP]":
         return False
+    from .fsfreeze import frozen_by_us
+
+    if frozen_by_us(mountpoint):  # --fsfreeze: nothing changes while we read
+        return True
     try:
         return bool(os.statvfs(mountpoint).f_flag & os.ST_RDONLY)
     except OSError:
