@@ -298,7 +298,9 @@ def test_mounted_partition_is_read_whole_with_a_warning(gpt, tmp_path):
             if opts == "ro":  # a read-only mount does not change: the map is used
                 assert err == "" and item["unused"] > 15 * MiB
                 continue
-            assert item["unused"] == 0 and item["read"] == part.size
+            # nothing skipped as unused: every byte read, or a hole of the image file (the
+            # rw mount's own writes, flushed when the kernel pleases, fill some holes)
+            assert item["unused"] == 0 and item["read"] + item["zero"] == part.size
             assert "in use read-write" in item["note"] and str(mnt) in item["note"]
             lines = err.splitlines()
             assert lines[0].startswith("diskvault: warning: ") and "disk/part1" in lines[0]
