@@ -300,7 +300,8 @@ def test_mounted_partition_is_read_whole_with_a_warning(gpt, tmp_path):
                 continue
             # nothing skipped as unused: every byte read, or a hole of the image file (the
             # rw mount's own writes, flushed when the kernel pleases, fill some holes)
-            assert item["unused"] == 0 and item["read"] + item["zero"] == part.size
+            assert item["unused"] == 0
+            assert item["read"] <= part.size <= item["read"] + item["zero"]
             assert "in use read-write" in item["note"] and str(mnt) in item["note"]
             lines = err.splitlines()
             assert lines[0].startswith("diskvault: warning: ") and "disk/part1" in lines[0]
