@@ -180,6 +180,10 @@ class VmError(DiskvaultError):
     """QEMU (over QMP) refused or failed a step of working with a running VM."""
 
 
+class MountError(DiskvaultError):
+    """A mount point cannot be mounted or unmounted (missing, busy, not ours)."""
+
+
 class Warning_(DiskvaultError):
     """A condition that completes the command but ends it with exit code 1."""
 

@@ -76,8 +76,10 @@ def _item_node(item: Item, content: ByteSource | None) -> Node:
     if content is not None:  # devices, partitions, streams: shown as regular files
         mode = stat.S_IFREG | (stat.S_IMODE(mode) or 0o600)
     mtime = item.mtime or 0
-    return Node(type=FILE if content is not None else item.type, mode=mode,
-                size=content.size if content is not None else item.size,
+    size = content.size if content is not None else item.size
+    if item.type == SYMLINK:
+        size = len((item.target or "").encode("utf-8", "surrogateescape"))
+    return Node(type=FILE if content is not None else item.type, mode=mode, size=size,
                 uid=item.uid or 0, gid=item.gid or 0, atime_ns=item.atime or mtime,
                 mtime_ns=mtime, ctime_ns=item.ctime or mtime, target=item.target,
                 rdev=item.rdev or 0, xattrs=item.xattrs, content=content)

@@ -1,0 +1,132 @@
+"""Mount points: checks before mounting, kernel mounts of trees TSK cannot read, umount.
+
+A filesystem The Sleuth Kit cannot read (XFS, btrfs) is mounted by the kernel, read-only
+and without journal replay, from the item's file in our own FUSE mount through a
+read-only loop device (``mount -o ro,loop``: the loop device is freed with the mount),
+onto its ``ITEM.files`` directory. ``umount`` takes those down first, deepest first,
+then the FUSE mount — also after the mount process was killed (the FUSE connection is
+then dead, and only the kernel's bookkeeping is left to clean).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from ..errors import MountError
+from .innerfs import KERNEL_MOUNT_OPTIONS, Inner
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(path: str) -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount at or below ``path``, in mount order."""
+    path = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = _unescape(left.split()[4])
+            fstype = right.split()[0] if right else ""
+            if mp == path or mp.startswith(path.rstrip("/") + "/"):
+                out.append((mp, fstype))
+    return out
+
+
+def is_fuse_mount(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(mp == real and t.startswith("fuse") for mp, t in mounts_under(real))
+
+
+def check_mountpoint(path: str) -> str:
+    """The absolute mount point, or MountError if it cannot take a mount now."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(path):
+        raise MountError(f"mount point {path} does not exist")
+    if any(mp == real for mp, _ in mounts_under(real)):
+        raise MountError(f"mount point {path} is busy: something is mounted there already")
+    if not os.path.isdir(real):
+        raise MountError(f"mount point {path} is not a directory")
+    return real
+
+
+def kernel_mount(source_file: str, target_dir: str, inner: Inner, whole_item: bool
+                 ) -> None:
+    """Mount the filesystem in ``source_file`` (bytes ``inner.offset ..`` of it) read-only
+    on ``target_dir``; MountError with mount's own message if the kernel refuses."""
+    opts = f"{KERNEL_MOUNT_OPTIONS[inner.fs_type or '']},loop"
+    if not whole_item:
+        opts += f",offset={inner.offset},sizelimit={inner.size}"
+    cmd = ["mount", "-t", inner.fs_type or "auto", "-o", opts, source_file, target_dir]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise MountError(f"read-only kernel mount of {source_file} failed: "
+                         f"{msg[-1] if msg else 'exit ' + str(r.returncode)}")
+
+
+def busy_users(path: str) -> list[int]:
+    """Processes with a file, working directory or root inside ``path`` (as fuser -m)."""
+    real = os.path.realpath(path).rstrip("/")
+    me, pids = os.getpid(), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        if int(pid) == me:
+            continue
+        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+        try:
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            pass
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == real or target.startswith(real + "/"):
+                pids.append(int(pid))
+                break
+    return pids
+
+
+def unmount(path: str) -> None:
+    """Take down a diskvault mount and the kernel mounts on top of it."""
+    real = os.path.realpath(path)
+    mounts = mounts_under(real)
+    if not any(mp == real for mp, _ in mounts):
+        raise MountError(f"{path} is not mounted")
+    if not any(mp == real and t.startswith("fuse") for mp, t in mounts):
+        raise MountError(f"{path} is not a diskvault (FUSE) mount")
+    users = busy_users(real)
+    if users:
+        raise MountError(f"{path} is busy: in use by process "
+                         f"{', '.join(map(str, users[:8]))}; close those files or leave "
+                         "that directory, then retry")
+    for mp, _ in reversed([m for m in mounts if m[0] != real]):
+        _run_umount(["umount", mp], path)
+    if os.geteuid() == 0 or not shutil.which("fusermount3"):
+        _run_umount(["umount", real], path)
+    else:
+        _run_umount(["fusermount3", "-u", real], path)
+
+
+def _run_umount(cmd: list[str], path: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        text = msg[-1] if msg else f"exit {r.returncode}"
+        if "busy" in text:
+            raise MountError(f"{path} is busy ({text}): close the files open in it, "
+                             "then retry")
+        raise MountError(f"cannot unmount {path}: {text}")
