@@ -74,7 +74,8 @@ class RepoTree:
             view = ArchiveView.open(self.repo, name)
             readers = open_archive_readers(self.repo, name, cache_bytes=self.cache_bytes)
             tree = ArchiveTree(view.items, dict(readers.items), readers.disk,
-                               int(ref.time * 1e9), self.log)
+                               int(ref.time * 1e9), self.log,
+                               kernel=self.archive is not None)
             self._open[name] = (tree, readers)
             return tree
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..archive.extract import Damage, damage_lines
+from ..archive.file_extract import extract_files, files_paths
 from ..archive.restore import extract_stdout, extract_tree
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
@@ -42,10 +43,19 @@ def run(args: argparse.Namespace) -> int:
     repo_loc, name = split_location(args.location, need_archive=True)
     with open_repo(repo_loc, READ, args.lock_wait) as repo:
         view = ArchiveView.open(repo, name or "")
+        # paths inside a filesystem of an item (disk/part2.files/etc/fstab) go to TSK
+        inside = files_paths({i.path for i in view.items}, args.paths)
+        paths = [p for p in args.paths if p not in inside]
         unmatched: list[str] = []
-        items = select_items(view.items, args.paths, unmatched)
-        if args.paths and not items:
-            raise UsageError(f"no item of {name!r} matches {' '.join(args.paths)}")
+        items = select_items(view.items, paths, unmatched)
+        if paths and not items:  # checked before anything is written
+            raise UsageError(f"no item of {name!r} matches {' '.join(paths)}")
+        if inside:
+            sys.stdout.flush()
+            extract_files(repo, name or "", inside, os.getcwd(),
+                          sys.stdout.fileno() if args.stdout else None)
+            if not paths:
+                return 0
         warnings = [f"pattern {p!r} matched no item" for p in unmatched]
         damage: list[Damage] | None = [] if args.continue_on_error else None
         total = sum(i.size for i in items if i.extents is not None)
