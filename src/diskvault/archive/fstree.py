@@ -55,7 +55,7 @@ class FsEntry:
 
 
 def _tsk() -> Any:
-    import pytsk3  # optional dependency (the "mount" extra): imported when first needed
+    import pytsk3  # type: ignore[import-not-found]  # optional dependency (the "mount" extra): imported when first needed
 
     return pytsk3
 

@@ -31,7 +31,7 @@ from .view import ArchiveView
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # before mfusepy loads libfuse
 
-import mfusepy  # noqa: E402 - needs the library name above
+import mfusepy  # type: ignore[import-untyped]  # noqa: E402 - needs the library name above
 
 log = logging.getLogger("diskvault.mount")
 SEEK_DATA, SEEK_HOLE = 3, 4

@@ -11,7 +11,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from ..errors import DiskvaultError, MountError, UsageError
 from .common import READ, add_common, open_repo, split_location
@@ -58,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     mountpoint = check_mountpoint(args.mountpoint)
     if args.foreground:
         logging.basicConfig(level=logging.INFO, format="diskvault: %(message)s")
+        def note(msg: str) -> None:
+            sys.stderr.write(f"diskvault: {msg}\n")
+
         _serve(repo_loc, archive, mountpoint, fuse_opts, cache, args.lock_wait,
-               lambda: None, lambda msg: sys.stderr.write(f"diskvault: {msg}\n"))
+               lambda: None, note)
         return 0
     return _daemon(repo_loc, archive, mountpoint, fuse_opts, cache, args.lock_wait)
 
@@ -115,6 +120,31 @@ def _daemon(repo_loc: str, archive: str | None, mountpoint: str,
     os._exit(code)
 
 
+@contextmanager
+def _without_line(noise: bytes) -> Iterator[None]:
+    """Pass stderr through, without one line: libfuse 3.14 prints a bogus warning about
+    max threads for the old ``fuse_main_real`` entry point mfusepy calls."""
+    keep, pump_out = os.dup(2), os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:  # ends when fd 2 stops being the pipe (restored, or /dev/null)
+        with os.fdopen(r, "rb") as src, os.fdopen(pump_out, "wb", buffering=0) as dst:
+            for line in src:
+                if noise not in line:
+                    dst.write(line)
+
+    t = threading.Thread(target=pump, name="stderr", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        os.dup2(keep, 2)
+        os.close(keep)
+        t.join(timeout=5)
+
+
 def _serve(repo_loc: str, archive: str | None, mountpoint: str,
            fuse_opts: dict[str, str | bool], cache: int, lock_wait: float,
            ready: Callable[[], None], note: Callable[[str], None]) -> None:
@@ -149,7 +179,8 @@ def _serve(repo_loc: str, archive: str | None, mountpoint: str,
                 "entry_timeout": "300", "attr_timeout": "300", "max_threads": "16",
                 **fuse_opts}
         try:
-            SparseFUSE(ops, mountpoint, foreground=True, **opts)
+            with _without_line(b"Ignoring invalid max threads value"):
+                SparseFUSE(ops, mountpoint, foreground=True, **opts)
         except RuntimeError as e:
             raise MountError(f"cannot mount {mountpoint}: libfuse failed ({e})") from None
         finally:
