@@ -39,7 +39,19 @@ _BLOCK = 512
 
 
 class SparseFUSE(mfusepy.FUSE):
-    """mfusepy plus the ``lseek`` callback (libfuse3 only)."""
+    """mfusepy plus the ``lseek`` callback (libfuse3 only), and per-file cache modes."""
+
+    def open(self, path: bytes, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.open(path.decode(self.encoding, self.errors), fi.flags)
+        # images and partitions bypass the page cache: the kernel then asks in reads as
+        # large as the caller's (up to 1 MiB) instead of 128 KiB, and our chunk cache
+        # does the caching; files inside filesystems keep it (mmap, exec)
+        if self.operations.direct_io(fi.fh):
+            fi.direct_io = 1
+        else:
+            fi.keep_cache = 1  # archives never change: what is cached stays valid
+        return 0
 
     def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else 0
@@ -187,6 +199,10 @@ class DiskvaultFS(mfusepy.Operations):
             self._next_fh += 1
             self._fh[fh] = n
         return fh
+
+    def direct_io(self, fh: int) -> bool:
+        n = self._fh.get(fh)
+        return n is not None and n.content is not None
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:
