@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -295,3 +296,24 @@ def test_no_kernel_tree_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(innerfs.os, "geteuid", lambda: 0)
     inner, note = innerfs.inspect(XfsLike(), fs_hint="xfs")
     assert inner is not None and inner.kind == innerfs.KERNEL and "kernel mount" in (note or "")
+
+
+def test_repository_gone_under_the_mount(tmp_path: Path, repo: tuple[str, dict]) -> None:
+    """Reads of what is not cached fail with EIO (no hang); umount still works."""
+    loc, env = repo
+    make_vm_image(str(tmp_path / "vm.img"), 8)
+    dv("create", "--chunker-params", f"fixed,{CHUNK}", f"{loc}::a", "vm.img", env=env,
+       cwd=str(tmp_path))
+    want = (tmp_path / "vm.img").read_bytes()
+    mnt = tmp_path / "mnt"
+    with mounted_archive(f"{loc}::a", mnt, env=env):
+        fd = os.open(mnt / "vm.img", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == want[:4096]
+            shutil.rmtree(loc)
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 4096, 6 << 20)  # MiB 6: data (make_vm_image), not cached
+            assert e.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 0) == want[:4096]  # the cached chunk still serves
+        finally:
+            os.close(fd)

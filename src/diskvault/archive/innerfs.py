@@ -68,8 +68,8 @@ def inspect(src: ByteSource, fs_hint: str | None = None, offset: int = 0,
             return _partitions(src)
     except DiskvaultError as e:  # a damaged range where the superblock is: no tree
         return None, f"cannot look inside: {e}"
-    if fs_type is None:
-        return None, None
+    if fs_type is None or not (FsTree.can_read(fs_type) or fs_type in KERNEL_MOUNT_OPTIONS):
+        return None, None  # swap, LVM, LUKS…: no files to show
     if FsTree.can_read(fs_type):
         try:
             return Inner(TSK, fs_type, offset, src.size, tree=FsTree(src, fs_type)), None

@@ -25,6 +25,7 @@ from ..errors import DiskvaultError
 from ..repository.repo import Repository
 from .fstree import FsReadError
 from .model import DIR, SYMLINK
+from .mounting import PID_XATTR
 from .namespace import ArchiveTree, Node
 from .reader import ArchiveReaders, open_archive_readers
 from .view import ArchiveView
@@ -153,7 +154,9 @@ class DiskvaultFS(mfusepy.Operations):
         return {"st_mode": n.mode, "st_size": n.size, "st_uid": n.uid, "st_gid": n.gid,
                 "st_nlink": max(n.nlink, 2 if n.is_dir else 1), "st_rdev": n.rdev,
                 "st_atime": n.atime_ns, "st_mtime": n.mtime_ns, "st_ctime": n.ctime_ns,
-                "st_blocks": (n.size + _BLOCK - 1) // _BLOCK, "st_blksize": 1 << 16}
+                "st_blocks": (n.size + _BLOCK - 1) // _BLOCK,
+                # cp, cat and dd size their buffers by this: 1 MiB requests for images
+                "st_blksize": 1 << 20 if n.content is not None else 1 << 16}
 
     def readdir(self, path: str, fh: int) -> list[str]:
         try:
@@ -173,6 +176,8 @@ class DiskvaultFS(mfusepy.Operations):
         return n.target
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if path == "/" and name == PID_XATTR:  # umount waits for this process to end
+            return str(os.getpid()).encode()
         n = self._node(path)
         value = (n.xattrs or {}).get(name.encode("utf-8", "surrogateescape"))
         if value is None:

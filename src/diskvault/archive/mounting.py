@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 from ..errors import MountError
 from .innerfs import KERNEL_MOUNT_OPTIONS, Inner
+
+PID_XATTR = "user.diskvault.pid"  # the mount's root answers with the serving process id
+PROCESS_EXIT_WAIT = 60.0
 
 
 def _unescape(field: str) -> str:
@@ -113,12 +117,32 @@ def unmount(path: str) -> None:
         raise MountError(f"{path} is busy: in use by process "
                          f"{', '.join(map(str, users[:8]))}; close those files or leave "
                          "that directory, then retry")
+    try:  # the serving process, if alive: it ends (and drops its lock) after the unmount
+        pid: int | None = int(os.getxattr(real, PID_XATTR))
+    except (OSError, ValueError):
+        pid = None
     for mp, _ in reversed([m for m in mounts if m[0] != real]):
         _run_umount(["umount", mp], path)
     if os.geteuid() == 0 or not shutil.which("fusermount3"):
         _run_umount(["umount", real], path)
     else:
         _run_umount(["fusermount3", "-u", real], path)
+    if pid is not None:
+        _wait_gone(pid, PROCESS_EXIT_WAIT)
+
+
+def _wait_gone(pid: int, deadline: float) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # ended; its parent has yet to reap it
+        except (OSError, IndexError):
+            return
+        time.sleep(0.02)
+    raise MountError(f"unmounted, but the mount process {pid} has not ended after "
+                     f"{deadline:.0f} s")
 
 
 def _run_umount(cmd: list[str], path: str) -> None:

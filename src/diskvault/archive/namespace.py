@@ -27,6 +27,10 @@ from .model import DIR, FILE, HARDLINK, SYMLINK, Item
 from .reader import DISK_EXPORT
 
 FILES_SUFFIX = ".files"
+# regular files from directory trees are probed for a filesystem (which costs a chunk
+# read each) when listed only if named like images; ITEM.files of any file still works
+IMAGE_SUFFIXES = (".img", ".raw", ".dd", ".bin", ".iso", ".image", ".disk", ".part",
+                  ".ext2", ".ext3", ".ext4", ".ntfs", ".vfat", ".fat", ".xfs", ".btrfs")
 DISK_IMG = DISK_EXPORT
 DIR_MODE = stat.S_IFDIR | 0o755
 TREE_MODE = stat.S_IFDIR | 0o555  # file trees are read-only
@@ -110,6 +114,7 @@ class ArchiveTree:
         self._children: dict[str, dict[str, str]] = {"": {}}
         self._inner: dict[str, tuple[Inner | None, str | None]] = {}
         self._hardlinks: dict[str, int] = {}
+        self._fs_hint: dict[str, str | None] = {}  # content items worth probing when listed
         for item in items:
             if item.type == HARDLINK and item.target:
                 self._hardlinks[item.target] = self._hardlinks.get(item.target, 1) + 1
@@ -134,6 +139,9 @@ class ArchiveTree:
         else:
             node = _item_node(item, self.readers.get(item.path))
             node.nlink = self._hardlinks.get(path, 1)
+            if node.content is not None and (item.source != FILE or item.fs
+                                             or path.lower().endswith(IMAGE_SUFFIXES)):
+                self._fs_hint[path] = item.fs
         if path in self._nodes and self._nodes[path].is_dir and node.is_dir:
             self._nodes[path] = node  # a synthetic parent gets the real metadata
             return
@@ -169,7 +177,7 @@ class ArchiveTree:
             # the whole disk's partitions are items of their own, with their own trees
             found: tuple[Inner | None, str | None] = (None, None)
         else:
-            found = self._without_kernel(*inspect(node.content))
+            found = self._without_kernel(*inspect(node.content, self._fs_hint.get(item_path)))
             if found[1]:
                 self.log(f"{item_path}{FILES_SUFFIX}: {found[1]}")
         with self._lock:
@@ -262,9 +270,8 @@ class ArchiveTree:
         for name, child in self._children.get(path, {}).items():
             out[name] = self._nodes[child]
         for name, child in list(self._children.get(path, {}).items()):
-            cnode = self._nodes[child]
             fname = files_name(name)
-            if cnode.content is None or fname in out:
+            if child not in self._fs_hint or fname in out:
                 continue
             inner, _ = self.inner(child)
             if inner is not None:
@@ -288,7 +295,6 @@ class ArchiveTree:
         return out
 
     def probe_all(self) -> None:
-        """Look at every content item now (for kernel mounts made right after mounting)."""
-        for path in list(self._nodes):
-            if self._nodes[path].content is not None:
-                self.inner(path)
+        """Look at every item listings show a tree for (kernel mounts, notes up front)."""
+        for path in list(self._fs_hint):
+            self.inner(path)
