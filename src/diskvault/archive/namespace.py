@@ -118,7 +118,8 @@ class ArchiveTree:
         for item in items:
             if item.type == HARDLINK and item.target:
                 self._hardlinks[item.target] = self._hardlinks.get(item.target, 1) + 1
-        for item in items:
+        # hard links last: their master is then known whatever the order in the archive
+        for item in sorted(items, key=lambda i: i.type == HARDLINK):
             self._add(item)
         if disk is not None and DISK_IMG not in self._children[""]:
             self._children[""][DISK_IMG] = DISK_IMG
