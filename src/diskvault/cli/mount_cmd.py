@@ -126,6 +126,7 @@ def _without_line(noise: bytes) -> Iterator[None]:
     max threads for the old ``fuse_main_real`` entry point mfusepy calls."""
     keep, pump_out = os.dup(2), os.dup(2)
     r, w = os.pipe()
+    ours = os.fstat(w)
     os.dup2(w, 2)
     os.close(w)
 
@@ -140,7 +141,8 @@ def _without_line(noise: bytes) -> Iterator[None]:
     try:
         yield
     finally:
-        os.dup2(keep, 2)
+        if os.path.samestat(os.fstat(2), ours):  # not once a daemon went quiet (ready())
+            os.dup2(keep, 2)
         os.close(keep)
         t.join(timeout=5)
 
