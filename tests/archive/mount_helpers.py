@@ -67,17 +67,19 @@ def mounted_archive(location: str, mnt: Path, *opts: str, env: dict | None = Non
                     ) -> Iterator[Path]:
     """``diskvault mount`` (daemon: returns when ready), always unmounted afterwards."""
     mnt.mkdir(exist_ok=True)
-    dv("mount", *opts, location, str(mnt), env=env)
     try:
+        # returns once the mount is ready, holding none of our pipes (or this would hang)
+        dv("mount", *opts, location, str(mnt), env=env, timeout=120)
         assert is_mounted(mnt)
         yield mnt
     finally:
-        if is_mounted(mnt):
-            r = dv("umount", str(mnt), check=False)
-            if r.returncode != 0:
-                force_cleanup(mnt)
-                raise AssertionError(f"umount failed: {r.stderr.decode()}")
-        assert not mounts_below(mnt), "a mount was left behind"
+        try:
+            if is_mounted(mnt):
+                r = dv("umount", str(mnt), check=False, timeout=120)
+                assert r.returncode == 0, f"umount failed: {r.stderr.decode()}"
+            assert not mounts_below(mnt), "a mount was left behind"
+        finally:
+            force_cleanup(mnt)
 
 
 def sha256(path: str | Path) -> str:

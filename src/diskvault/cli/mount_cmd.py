@@ -12,8 +12,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from ..errors import DiskvaultError, MountError, UsageError
 from .common import READ, add_common, open_repo, split_location
@@ -59,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     fuse_opts, cache = _parse_options(args.options)
     mountpoint = check_mountpoint(args.mountpoint)
     if args.foreground:
+        tty = os.dup(2)
+        _stderr_to(lambda line: os.write(tty, line))
         logging.basicConfig(level=logging.INFO, format="diskvault: %(message)s")
+
         def note(msg: str) -> None:
             sys.stderr.write(f"diskvault: {msg}\n")
 
@@ -92,16 +94,28 @@ def _daemon(repo_loc: str, archive: str | None, mountpoint: str,
     os.close(rfd)
     os.setsid()
     code = 0
+    # the caller's stdout/stderr may be pipes it reads to the end: hold none of them
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)
+    os.close(null)
+
+    lock = threading.Lock()
+    pipe: list[int] = [wfd]  # emptied by ready(): a closed fd number may be reused
 
     def send(kind: bytes, text: str = "") -> None:
-        try:
-            os.write(wfd, kind + text.replace("\n", " ").encode() + b"\n")
-        except OSError:
-            pass
+        with lock:
+            if pipe:
+                try:
+                    os.write(pipe[0], kind + text.replace("\n", " ").encode() + b"\n")
+                except OSError:
+                    pass
+
+    _stderr_to(lambda line: send(_NOTE, line.decode(errors="replace").rstrip("\n")))
 
     def ready() -> None:
         send(_READY)
-        os.close(wfd)
+        with lock:
+            os.close(pipe.pop())
         # detached from here on: nothing may write to the caller's terminal
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -120,31 +134,24 @@ def _daemon(repo_loc: str, archive: str | None, mountpoint: str,
     os._exit(code)
 
 
-@contextmanager
-def _without_line(noise: bytes) -> Iterator[None]:
-    """Pass stderr through, without one line: libfuse 3.14 prints a bogus warning about
-    max threads for the old ``fuse_main_real`` entry point mfusepy calls."""
-    keep, pump_out = os.dup(2), os.dup(2)
+# libfuse 3.14 prints a bogus warning for the old fuse_main_real entry point mfusepy calls
+_LIBFUSE_NOISE = b"Ignoring invalid max threads value"
+
+
+def _stderr_to(forward: Callable[[bytes], object]) -> None:
+    """Make fd 2 a pipe whose lines (libfuse's, ours) go to ``forward``, less the noise.
+    The pump ends when fd 2 stops being the pipe (a daemon's ready())."""
     r, w = os.pipe()
-    ours = os.fstat(w)
     os.dup2(w, 2)
     os.close(w)
 
-    def pump() -> None:  # ends when fd 2 stops being the pipe (restored, or /dev/null)
-        with os.fdopen(r, "rb") as src, os.fdopen(pump_out, "wb", buffering=0) as dst:
+    def pump() -> None:
+        with os.fdopen(r, "rb") as src:
             for line in src:
-                if noise not in line:
-                    dst.write(line)
+                if _LIBFUSE_NOISE not in line:
+                    forward(line)
 
-    t = threading.Thread(target=pump, name="stderr", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        if os.path.samestat(os.fstat(2), ours):  # not once a daemon went quiet (ready())
-            os.dup2(keep, 2)
-        os.close(keep)
-        t.join(timeout=5)
+    threading.Thread(target=pump, name="stderr", daemon=True).start()
 
 
 def _serve(repo_loc: str, archive: str | None, mountpoint: str,
@@ -181,8 +188,7 @@ def _serve(repo_loc: str, archive: str | None, mountpoint: str,
                 "entry_timeout": "300", "attr_timeout": "300", "max_threads": "16",
                 **fuse_opts}
         try:
-            with _without_line(b"Ignoring invalid max threads value"):
-                SparseFUSE(ops, mountpoint, foreground=True, **opts)
+            SparseFUSE(ops, mountpoint, foreground=True, **opts)
         except RuntimeError as e:
             raise MountError(f"cannot mount {mountpoint}: libfuse failed ({e})") from None
         finally:
