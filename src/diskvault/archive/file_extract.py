@@ -74,7 +74,8 @@ def _walk(tree: ArchiveTree, path: str, node: Node) -> Iterator[tuple[str, Node]
             yield from _walk(tree, f"{path}/{name}", child)
 
 
-def _resolve(tree: ArchiveTree, patterns: list[str]) -> list[tuple[str, Node]]:
+def _resolve(tree: ArchiveTree, patterns: list[str], notes: list[str]
+             ) -> list[tuple[str, Node]]:
     chosen: list[tuple[str, Node]] = []
     for pat in patterns:
         paths = _expand(tree, pat) if _GLOB & set(pat) else [pat.strip("/")]
@@ -87,7 +88,9 @@ def _resolve(tree: ArchiveTree, patterns: list[str]) -> list[tuple[str, Node]]:
             except FsReadError as e:
                 raise IntegrityError(f"{p}: {e}") from None
         if not hits:
-            raise UsageError(f"{pat}: no such file in the archive")
+            why = [n for n in notes if pat.strip("/").startswith(n.split(": ", 1)[0])]
+            raise UsageError(f"{pat}: no such file in the archive"
+                             + (f" ({why[0]})" if why else ""))
         chosen += hits
     return chosen
 
@@ -109,9 +112,10 @@ def extract_files(repo: Repository, archive: str, patterns: list[str], root: str
     """Extract files inside filesystems; returns the number of files written."""
     view = ArchiveView.open(repo, archive)
     with open_archive_readers(repo, archive) as readers:
-        tree = ArchiveTree(view.items, dict(readers.items), readers.disk)
+        notes: list[str] = []  # why an item has no file tree (XFS: only the mount)
+        tree = ArchiveTree(view.items, dict(readers.items), readers.disk, log=notes.append)
         try:
-            todo = [w for p, n in _resolve(tree, patterns) for w in _walk(tree, p, n)]
+            todo = [w for p, n in _resolve(tree, patterns, notes) for w in _walk(tree, p, n)]
         except FsReadError as e:
             raise IntegrityError(str(e)) from None
         if stdout_fd is not None:
