@@ -188,7 +188,7 @@ def test_bad_input(tmp_path: Path, repo: tuple[str, dict]) -> None:
                     "nope")
     assert not is_mounted(mnt)
     _one_error_line(dv("mount", str(tmp_path / "norepo"), str(mnt), env=env, check=False),
-                    "not a diskvault repository")
+                    "norepo")
     assert not is_mounted(mnt)
     _one_error_line(dv("umount", str(mnt), check=False), "is not mounted")
     with mounted_archive(f"{loc}::a", mnt, env=env):
