@@ -324,3 +324,28 @@ def test_repository_gone_under_the_mount(tmp_path: Path, repo: tuple[str, dict])
             assert os.pread(fd, 4096, 0) == want[:4096]  # the cached chunk still serves
         finally:
             os.close(fd)
+
+
+@needs_tool("mkfs.btrfs", "losetup")
+def test_btrfs_tree_through_a_kernel_mount(tmp_path: Path, repo: tuple[str, dict]) -> None:
+    """TSK has no btrfs: as root the tree is a read-only kernel mount, taken down by umount."""
+    loc, env = repo
+    img, fill = tmp_path / "bt.img", tmp_path / "fill"
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)  # mkfs.btrfs wants ~114 MiB at least
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
+    fill.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(fill)], check=True)
+    try:
+        (fill / "etc").mkdir()
+        (fill / "etc/fstab").write_bytes(b"LABEL=root / btrfs defaults 0 0\n")
+    finally:
+        subprocess.run(["umount", str(fill)], check=True)
+    dv("create", f"{loc}::b", "bt.img", env=env, cwd=str(tmp_path))
+    mnt = tmp_path / "mnt"
+    with mounted_archive(f"{loc}::b", mnt, env=env):
+        assert (mnt / "bt.img.files/etc/fstab").read_bytes() == \
+            b"LABEL=root / btrfs defaults 0 0\n"
+        assert len(mounts_below(mnt)) == 2  # our FUSE mount and the kernel's btrfs on it
+    r = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(mnt) not in r

@@ -19,7 +19,7 @@ from .fstree import ByteSource, FsTree, FsUnreadable
 
 TSK, KERNEL, PARTS = "tsk", "kernel", "parts"
 # how the kernel mounts each type read-only without replaying a journal (never a write)
-KERNEL_MOUNT_OPTIONS = {"xfs": "ro,norecovery", "btrfs": "ro,nologreplay",
+KERNEL_MOUNT_OPTIONS = {"xfs": "ro,norecovery", "btrfs": "ro,rescue=nologreplay",
                         "ext2": "ro", "ext3": "ro,noload", "ext4": "ro,noload"}
 MIN_FS_BYTES = 64 << 10  # smaller items are never probed: no filesystem fits
 

@@ -76,9 +76,9 @@ def kernel_mount(source_file: str, target_dir: str, inner: Inner, whole_item: bo
     cmd = ["mount", "-t", inner.fs_type or "auto", "-o", opts, source_file, target_dir]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        msg = (r.stderr or r.stdout).strip().splitlines()
+        msg = [m.strip() for m in (r.stderr or r.stdout).splitlines() if m.strip()]
         raise MountError(f"read-only kernel mount of {source_file} failed: "
-                         f"{msg[-1] if msg else 'exit ' + str(r.returncode)}")
+                         f"{msg[0] if msg else 'exit ' + str(r.returncode)}")
 
 
 def busy_users(path: str) -> list[int]:
