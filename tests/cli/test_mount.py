@@ -347,5 +347,10 @@ def test_btrfs_tree_through_a_kernel_mount(tmp_path: Path, repo: tuple[str, dict
         assert (mnt / "bt.img.files/etc/fstab").read_bytes() == \
             b"LABEL=root / btrfs defaults 0 0\n"
         assert len(mounts_below(mnt)) == 2  # our FUSE mount and the kernel's btrfs on it
+    # a whole repository: the kernel mount follows when the archive folder is first opened
+    with mounted_archive(loc, mnt, env=env):
+        fstab = mnt / "b/bt.img.files/etc/fstab"
+        wait_for(fstab.exists, "the kernel mount of b/bt.img.files")
+        assert fstab.read_bytes() == b"LABEL=root / btrfs defaults 0 0\n"
     r = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(mnt) not in r

@@ -65,8 +65,10 @@ class RepoTree:
     """Archives of a repository by name, each opened (metadata, readers) on first use."""
 
     def __init__(self, repo: Repository, archive: str | None, cache_bytes: int,
-                 log_fn: Callable[[str], None]) -> None:
+                 log_fn: Callable[[str], None],
+                 on_open: Callable[[str, ArchiveTree], None] | None = None) -> None:
         self.repo = repo
+        self.on_open = on_open  # runs in a thread when an archive folder is first opened
         self.archive = archive
         self.cache_bytes = cache_bytes
         self.log = log_fn
@@ -88,9 +90,13 @@ class RepoTree:
             readers = open_archive_readers(self.repo, name, cache_bytes=self.cache_bytes)
             tree = ArchiveTree(view.items, dict(readers.items), readers.disk,
                                int(ref.time * 1e9), self.log,
-                               kernel=self.archive is not None)
+                               kernel=self.archive is not None or self.on_open is not None)
             self._open[name] = (tree, readers)
-            return tree
+        if self.archive is None and self.on_open is not None:
+            # kernel mounts go through this very mount: never inside a FUSE request
+            threading.Thread(target=self.on_open, args=(name, tree), daemon=True,
+                             name=f"open {name}").start()
+        return tree
 
     def split(self, path: str) -> tuple[ArchiveTree | None, str]:
         """(the archive's tree, the path inside it); (None, "") for the repository root."""

@@ -14,9 +14,11 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 
-from ..errors import MountError
+from ..errors import DiskvaultError, MountError
 from .innerfs import KERNEL_MOUNT_OPTIONS, Inner
+from .namespace import ArchiveTree
 
 PID_XATTR = "user.diskvault.pid"  # the mount's root answers with the serving process id
 PROCESS_EXIT_WAIT = 60.0
@@ -79,6 +81,22 @@ def kernel_mount(source_file: str, target_dir: str, inner: Inner, whole_item: bo
         msg = [m.strip() for m in (r.stderr or r.stdout).splitlines() if m.strip()]
         raise MountError(f"read-only kernel mount of {source_file} failed: "
                          f"{msg[0] if msg else 'exit ' + str(r.returncode)}")
+
+
+def mount_kernel_trees(mountpoint: str, prefix: str, tree: ArchiveTree,
+                       note: Callable[[str], None]) -> None:
+    """Kernel-mount every tree of ``tree`` TSK cannot read (the archive is at
+    ``mountpoint/prefix``); called once the FUSE mount serves, never from a request."""
+    tree.probe_all()
+    base = os.path.join(mountpoint, prefix)
+    for item_path, inner, tree_path in tree.kernel_mounts():
+        try:
+            kernel_mount(os.path.join(base, item_path), os.path.join(base, tree_path), inner,
+                         whole_item=inner.offset == 0)
+            note(f"{os.path.join(prefix, tree_path)}: {inner.fs_type} mounted by the kernel "
+                 "(read-only, through a loop device)")
+        except DiskvaultError as e:
+            note(str(e))
 
 
 def busy_users(path: str) -> list[int]:

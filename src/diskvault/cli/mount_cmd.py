@@ -13,9 +13,13 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import DiskvaultError, MountError, UsageError
 from .common import READ, add_common, open_repo, split_location
+
+if TYPE_CHECKING:
+    from ..archive.namespace import ArchiveTree
 
 _READY, _ERROR, _NOTE = b"R", b"E", b"N"
 # -o options of ours; everything else goes to libfuse (allow_other, default_permissions…)
@@ -158,28 +162,22 @@ def _serve(repo_loc: str, archive: str | None, mountpoint: str,
            fuse_opts: dict[str, str | bool], cache: int, lock_wait: float,
            ready: Callable[[], None], note: Callable[[str], None]) -> None:
     from ..archive.mountfs import DiskvaultFS, RepoTree, SparseFUSE
-    from ..archive.mounting import kernel_mount
+    from ..archive.mounting import mount_kernel_trees
+
+    def kernel_trees(prefix: str, tree: ArchiveTree) -> None:
+        mount_kernel_trees(mountpoint, prefix, tree, note)
 
     with open_repo(repo_loc, READ, lock_wait) as repo:
         if archive is not None:
             repo.archive_ref(archive)  # a missing archive: one error line, nothing mounted
-        rt = RepoTree(repo, archive, cache, note)
-        pending = []
-        if archive is not None:
-            tree = rt.tree(archive)
-            tree.probe_all()  # notes now, and the kernel mounts right after mounting
-            pending = tree.kernel_mounts()
+        # one archive: its kernel mounts are made before mount returns; a whole repository:
+        # each archive's when its folder is first opened (they appear a moment later)
+        rt = RepoTree(repo, archive, cache, note, None if archive else kernel_trees)
+        first = rt.tree(archive) if archive is not None else None
 
         def on_ready() -> None:
-            for item_path, inner, tree_path in pending:
-                try:
-                    kernel_mount(os.path.join(mountpoint, item_path),
-                                 os.path.join(mountpoint, tree_path), inner,
-                                 whole_item=inner.offset == 0)
-                    note(f"{tree_path}: {inner.fs_type} mounted by the kernel (read-only, "
-                         "through a loop device)")
-                except DiskvaultError as e:
-                    note(str(e))
+            if first is not None:
+                kernel_trees("", first)
             ready()
 
         ops = DiskvaultFS(rt, on_ready)
