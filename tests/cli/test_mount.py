@@ -167,6 +167,10 @@ def test_partitioned_image_item(tmp_path: Path, repo: tuple[str, dict]) -> None:
         assert got.read_bytes() == (tmp_path / "src/etc/fstab").read_bytes()
     out = tmp_path / "out"
     out.mkdir()
+    r = dv("extract", f"{loc}::p", "gpt.img.files/part1/etc/fstab", "nope", env=env,
+           cwd=str(out), check=False)  # one bad path: nothing is written
+    _one_error_line(r, "nope")
+    assert os.listdir(out) == []
     dv("extract", f"{loc}::p", "gpt.img.files/part1/data", env=env, cwd=str(out))
     big = out / "gpt.img.files/part1/data/big"
     assert sha256(big) == sha256(tmp_path / "src/data/big")
