@@ -128,7 +128,7 @@ def bench_diskvault(work: Path, disk_dev: str) -> dict:
     repo = str(work / "dv-repo")
     run(sys.executable, "-m", "diskvault", "init", "-e", "repokey", repo, env=env)
     secs, out = timed(sys.executable, "-m", "diskvault", "disk", "backup", "--json",
-                      disk_dev, f"{repo}::disk", env=env)
+                      f"{repo}::disk", disk_dev, env=env)
     s = json.loads(out)["archive"]["stats"]
     return {"read": s["read"], "stored": s["new_stored"], "repo": du(repo), "seconds": secs}
 

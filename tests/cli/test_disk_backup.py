@@ -73,7 +73,7 @@ def test_gpt_disk_from_loop_onto_larger_loop_new_image_and_dd(gpt, tmp_path):
     repo = str(tmp_path / "repo")
     init_repo(repo)
     with loop_device(gpt.path, read_only=True) as dev:
-        j = backup_json(dev, f"{repo}::g1")
+        j = backup_json(f"{repo}::g1", dev)
     stats, items, meta = j["archive"]["stats"], items_by_path(j), j["archive"]["disk"]
     assert (meta["kind"], meta["backing_file"], meta["label"]) == ("blockdev", gpt.path, "gpt")
     assert items["disk/part1"]["fs"] == "ext4" and items["disk/part1"]["unused"] > 15 * MiB
@@ -118,7 +118,7 @@ def test_mbr_disk_with_logical_partitions_from_image_and_single_partitions(tmp_p
     mbr = mbr_disk(tmp_path)
     repo = str(tmp_path / "repo")
     init_repo(repo)
-    out = dv("disk", "backup", "--stats", mbr.path, f"{repo}::m").stdout.decode()
+    out = dv("disk", "backup", "--stats", f"{repo}::m", mbr.path).stdout.decode()
     for n, fs in ((1, "ext4"), (5, "vfat"), (6, "ntfs"), (3, "swap")):
         assert f"disk/part{n} ({fs}): total" in out, out
     assert "disk/part7 (no known filesystem)" in out and "partition table and gaps" in out
@@ -168,7 +168,7 @@ def test_second_backup_after_changing_a_few_files_stores_little(gpt, tmp_path):
     shutil.copyfile(gpt.path, work)
     repo = str(tmp_path / "repo")
     init_repo(repo)
-    first = backup_json(work, f"{repo}::day1")["archive"]["stats"]
+    first = backup_json(f"{repo}::day1", work)["archive"]["stats"]
     part = gpt.parts[1]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -181,7 +181,7 @@ def test_second_backup_after_changing_a_few_files_stores_little(gpt, tmp_path):
             (mnt / "file3.bin").unlink()
         finally:
             run("umount", str(mnt))
-    second = backup_json(work, f"{repo}::day2")
+    second = backup_json(f"{repo}::day2", work)
     stats = second["archive"]["stats"]
     fraction = stats["new_stored"] / first["new_stored"]
     print(f"second backup stored {stats['new_stored']} of {first['new_stored']} bytes "
@@ -255,7 +255,7 @@ def test_dirty_ext4_loses_no_file_after_restore_and_journal_replay(tmp_path):
         assert "needs_recovery" in run("dumpe2fs", "-h", dev)  # the premise
     repo = str(tmp_path / "repo")
     init_repo(repo)
-    j = backup_json(dirty, f"{repo}::dirty")
+    j = backup_json(f"{repo}::dirty", dirty)
     item = items_by_path(j)["disk/part1"]
     print(f"dirty ext4: read {item['read']}, unused {item['unused']}: {item['note']}")
     assert "journal" in (item["note"] or "")  # the map took the journal into account
@@ -289,7 +289,7 @@ def test_mounted_partition_is_read_whole_with_a_warning(gpt, tmp_path):
         for opts, rc in (("ro", 0), ("rw", 1)):
             run("mount", "-o", opts, dev, str(mnt))
             try:
-                r = dv("disk", "backup", "--json", work, f"{repo}::{opts}", check=False)
+                r = dv("disk", "backup", "--json", f"{repo}::{opts}", work, check=False)
             finally:
                 run("umount", str(mnt))
             err = r.stderr.decode()
@@ -336,7 +336,7 @@ def test_serial_selects_the_disk_and_refuses_to_guess(gpt, tmp_path, monkeypatch
                 match="no disk has serial 'NOPE'")
         refused("disk", "backup", "--serial", "TWIN", f"{repo}::x",
                 match="serial 'TWIN' matches 2 disks")
-        refused("disk", "backup", "--serial", "TWIN", dev, f"{repo}::x",
+        refused("disk", "backup", "--serial", "TWIN", f"{repo}::x", dev,
                 match="either --serial or a DEVICE")
     listing = dv("list", "--format", "{archive}{NL}", repo).stdout.decode().split()
     assert listing == ["s"]  # nothing was stored by the refused commands
@@ -378,7 +378,7 @@ def test_create_skip_unused_on_a_filesystem_image(tmp_path):
 def test_restore_refuses_before_writing_a_byte(gpt, tmp_path):
     repo = str(tmp_path / "repo")
     init_repo(repo)
-    dv("disk", "backup", gpt.path, f"{repo}::g")
+    dv("disk", "backup", f"{repo}::g", gpt.path)
     loc = f"{repo}::g"
     small = str(tmp_path / "small.img")
     random_fill(small, 60 * MiB, 1)
@@ -439,12 +439,12 @@ def test_backup_refuses_a_damaged_table_and_stores_nothing(tmp_path):
         f.write((4096).to_bytes(4, "little"))
     repo = str(tmp_path / "repo")
     init_repo(repo)
-    refused("disk", "backup", img, f"{repo}::bad", match="partition table: partition 1 "
+    refused("disk", "backup", f"{repo}::bad", img, match="partition table: partition 1 "
             "overlaps partition 2")
     with open(img, "r+b") as f:
         f.truncate(2 * MiB)  # truncated: partitions reach past the end
-    refused("disk", "backup", img, f"{repo}::bad", match="past the end of the disk")
-    refused("disk", "backup", str(tmp_path / "missing.img"), f"{repo}::bad",
+    refused("disk", "backup", f"{repo}::bad", img, match="past the end of the disk")
+    refused("disk", "backup", f"{repo}::bad", str(tmp_path / "missing.img"),
             match="missing.img: cannot open: No such file")
     refused("disk", "backup", f"{repo}::bad", match="give --serial SERIAL or a DEVICE")
     assert dv("list", "--format", "{archive}{NL}", repo).stdout == b""

@@ -144,7 +144,7 @@ def test_seed_ntfsclone_recipe_backup_and_restore(tmp_path, seed_env, node_dir):
     verify_partition(target, p2, tmp_path)
 
     # the one-command equivalent: the NTFS comes back through its block map
-    dv("disk", "backup", disk.path, "repo::hostname-disk", cwd=work)
+    dv("disk", "backup", "repo::hostname-disk", disk.path, cwd=work)
     again = str(tmp_path / "again.img")
     dv("disk", "restore", "repo::hostname-disk", again, cwd=work)
     verify_table(again, disk)

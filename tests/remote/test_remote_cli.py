@@ -28,7 +28,7 @@ def test_every_command_end_to_end(remote_url: str, tmp_path: Path) -> None:
     assert st["new_stored"] > 4 << 20  # many 1 MiB packs went up through 3 connections
     dv("create", "--stdin-name", "stream.bin", f"{remote_url}::stream", "-",
        input=stream.read_bytes())
-    dv("disk", "backup", "--upload-connections", "2", str(disk), f"{remote_url}::disk")
+    dv("disk", "backup", "--upload-connections", "2", f"{remote_url}::disk", str(disk))
     assert archive_names(remote_url) == {"vm", "stream", "disk"}
 
     assert restored_sha(f"{remote_url}::vm") == file_sha(img)
@@ -71,7 +71,7 @@ def test_block_devices_over_the_network(remote_url: str, tmp_path: Path) -> None
     disk = partitioned_image(tmp_path / "disk.img")
     with loop_device(str(disk), read_only=True) as dev:
         dv("create", "--read-special", f"{remote_url}::raw", dev)
-        dv("disk", "backup", dev, f"{remote_url}::disk")
+        dv("disk", "backup", f"{remote_url}::disk", dev)
     assert restored_sha(f"{remote_url}::raw") == file_sha(disk)
     target = tmp_path / "target.img"
     with open(target, "wb") as f:

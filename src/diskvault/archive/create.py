@@ -45,6 +45,9 @@ class CreateStats:
     new_stored: int = 0  # compressed+sealed bytes of new chunks
     items: int = 0
     seconds: float = 0.0
+    chunks: int = 0  # data chunks referenced, duplicates counted
+    compressed: int = 0  # stored bytes of every chunk referenced, duplicates counted
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +72,7 @@ class _DryWriter:
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.seen: set[bytes] = set()
+        self.seen: dict[bytes, int] = {}  # id → sealed size: what a real run would store
 
     def known(self, cid: bytes) -> bool:
         return cid in self.seen or cid in self.repo.index
@@ -77,8 +80,14 @@ class _DryWriter:
     def add(self, cid: bytes, blob: bytes, plain: int) -> bool:
         if self.known(cid):
             return False
-        self.seen.add(cid)
+        self.seen[cid] = len(blob)
         return True
+
+    def stored_size(self, cid: bytes) -> int | None:
+        return self.seen.get(cid)
+
+    def flush(self) -> None:
+        pass
 
     def commit(self) -> None:
         pass
@@ -118,6 +127,7 @@ class ArchiveBuilder:
             return
         cid, blob = fut.result()
         extents.append(DATA, length, cid)
+        self.stats.chunks += 1
         if blob is not None and self.writer.add(cid, blob, length):
             self.stats.new_chunks += 1
             self.stats.new_plain += length
@@ -185,10 +195,26 @@ class ArchiveBuilder:
 
     # --- the whole archive ---------------------------------------------------------
 
+    def _compressed(self) -> int:
+        """Stored size of every data chunk the items reference (after ``flush``: all
+        are indexed, or known to the dry-run writer)."""
+        total = 0
+        dry = self.writer if isinstance(self.writer, _DryWriter) else None
+        for item in self.items:
+            for kind, length, cid in item.extents or ():
+                if kind != DATA or cid is None:
+                    continue
+                loc = self.repo.index.get(cid)
+                size = loc.length if loc is not None else (dry.stored_size(cid) if dry else None)
+                total += size if size is not None else length
+        return total
+
     def commit(self, name: str, extra: dict | None = None) -> dict:
         if self.opts.before_commit is not None:
             self.opts.before_commit()
         self.stats.seconds = time.time() - self.started
+        self.writer.flush()  # new chunks indexed: their stored sizes are known
+        self.stats.compressed = self._compressed()
         meta = {
             "version": ARCHIVE_VERSION, "name": name, "time": self.started,
             "time_end": time.time(), "hostname": socket.gethostname(),
@@ -223,10 +249,16 @@ def _username() -> str:
         return str(os.getuid())
 
 
+def refuse_taken_name(repo: Repository, name: str) -> None:
+    """Refuse a taken archive name before a byte is read or a command started (the
+    manifest update at commit refuses it again, under the lock, against a race)."""
+    if name in repo.manifest.archives:
+        raise ArchiveExists(name)
+
+
 def create_archive(repo: Repository, name: str, sources: Iterable[Source],
                    opts: CreateOptions, extra: dict | None = None) -> tuple[dict, CreateStats]:
-    if name in repo.manifest.archives:
-        raise ArchiveExists(name)  # before reading a byte
+    refuse_taken_name(repo, name)
     b = ArchiveBuilder(repo, opts)
     try:
         for src in sources:

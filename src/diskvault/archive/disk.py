@@ -33,7 +33,7 @@ import stat
 from dataclasses import dataclass, field
 
 from ..blockmap.base import BlockMap
-from ..errors import ArchiveExists, DiskError, SourceError
+from ..errors import DiskError, SourceError
 from ..repository.repo import Repository
 from ..source.content import SeekableContent
 from ..source.disks import Inventory
@@ -46,7 +46,7 @@ from ..source.partitions import (
 )
 from ..source.paths import FILE, filesystem_map, mounted_note, writable_mounts
 from ..source.reader import FileRangeReader
-from .create import ArchiveBuilder, CreateOptions, CreateStats
+from .create import ArchiveBuilder, CreateOptions, CreateStats, refuse_taken_name
 from .model import Item
 
 DISK_FORMAT = 1  # version of the "disk" metadata and of the item layout above
@@ -226,8 +226,7 @@ class DiskBackupResult:
 def backup_disk(repo: Repository, name: str, plan: DiskPlan, opts: CreateOptions
                 ) -> DiskBackupResult:
     """Store every planned item in disk order and commit the archive (unless dry-run)."""
-    if name in repo.manifest.archives:
-        raise ArchiveExists(name)  # before reading a byte
+    refuse_taken_name(repo, name)
     b = ArchiveBuilder(repo, opts)
     b.total = plan.source.size
     try:

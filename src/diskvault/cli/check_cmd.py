@@ -12,14 +12,8 @@ from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
 from ..storage.url import open_store
-from .common import (
-    Progress,
-    add_common,
-    passphrase_fn,
-    percent,
-    split_location,
-    warn_unencrypted,
-)
+from .common import add_common, passphrase_fn, percent, split_location, warn_unencrypted
+from .options import add_progress, make_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "but which no manifest names (append-only recovery)")
     p.add_argument("--yes", action="store_true", help="do not ask before repairing")
     p.add_argument("--json", action="store_true")
-    p.add_argument("-p", "--progress", action="store_true")
+    add_progress(p)
     p.add_argument("location", metavar="REPO", nargs="?")
     p.set_defaults(func=run)
 
@@ -54,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
                          "--repository-only and --glob-archives")
     if args.repair and not args.yes:
         _confirm()
-    progress = Progress(args.progress, "check: ")
+    progress = make_progress(args, "check")
     opts = CheckOptions(repository=not args.archives_only, archives=not args.repository_only,
                         verify_data=args.verify_data or args.verify_data_subset is not None,
                         subset=args.verify_data_subset, glob=args.glob_archives,
-                        progress=progress if args.progress else None)
+                        progress=progress)
     out = sys.stderr if args.json else sys.stdout
     repo = Repository.open(open_store(repo_loc), passphrase_fn,
                            lock=EXCLUSIVE if args.repair else SHARED,
@@ -72,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             report = run_check(repo, opts)
     finally:
         repo.close()
-        progress.done()
+        if progress:
+            progress.done()
     _print(report, args.json)
     return 0 if report.ok else 1
 

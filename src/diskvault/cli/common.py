@@ -1,4 +1,4 @@
-"""What every command shares: locations, opening the repository, sizes, progress."""
+"""What every command shares: locations, placeholders, opening the repository."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -93,70 +92,6 @@ def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterat
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lock-wait", type=float, default=1.0, metavar="SECONDS",
                    help="wait at most this long for a repository lock (default 1)")
-
-
-def _connections(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError(f"expected a number of connections from 1 to 64: {s!r}")
-    return n
-
-
-def add_upload_connections(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--upload-connections", type=_connections, default=None, metavar="N",
-                   help="upload N packs at once (default: 4 for S3 and SFTP, 1 for a "
-                   "local directory; each costs one pack of memory, 32 MiB by default)")
-
-
-def fmt_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def fmt_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%a, %Y-%m-%d %H:%M:%S")
-
-
-def iso_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts).isoformat(timespec="microseconds")
-
-
-class Progress:
-    """A one-line live bar on stderr: bytes, rate, ETA (only where stderr is a terminal)."""
-
-    def __init__(self, enabled: bool, label: str = "") -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.label = label
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int | None = None) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._last < 0.2:
-            return
-        self._last = now
-        rate = done / max(now - self.start, 1e-6)
-        line = f"{self.label}{fmt_size(done)}"
-        if total:
-            pct = 100 * done / total
-            eta = (total - done) / rate if rate else 0
-            line += f" / {fmt_size(total)} ({pct:.1f} %) ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        line += f"  {fmt_size(rate)}/s"
-        sys.stderr.write("\r" + line[:120].ljust(80))
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 80 + "\r")
-            sys.stderr.flush()
 
 
 def parse_size(s: str) -> int:

@@ -8,7 +8,8 @@ import json
 from ..archive.refs import referenced_chunks
 from ..errors import AppendOnlyError
 from ..repository.compact import compact
-from .common import EXCLUSIVE_LOCK, READ, add_common, fmt_size, open_repo, percent, split_location
+from .common import EXCLUSIVE_LOCK, READ, add_common, open_repo, percent, split_location
+from .output import fmt_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 
-from ..archive.create import CreateOptions, CreateStats, create_archive
-from ..chunking.base import ChunkerParams
-from ..errors import ArchiveExists, UsageError
-from ..repository.compression import Compression
+from ..archive.create import create_archive, refuse_taken_name
+from ..errors import UsageError
 from ..source.paths import CommandSource, Source, SourceOptions, stdin_source, walk
 from ..source.pointintime import PointInTime, walk_at
-from .common import (
-    WRITE,
-    Progress,
-    add_common,
-    add_upload_connections,
-    expand_placeholders,
-    fmt_size,
-    open_repo,
-    split_location,
-)
+from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
+from .options import add_archive_options, create_options, make_progress
+from .output import report_archive
 from .pointintime_opts import (
     add_point_in_time,
     point_in_time_options,
@@ -41,12 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="give up on a FIFO with no writer after this long (default 300)")
     p.add_argument("--sparse", action="store_true",
                    help="accepted for Borg compatibility: holes are always detected")
-    p.add_argument("--chunker-params", type=ChunkerParams.parse, default=None,
-                   metavar="PARAMS", help="fixed,SIZE[,HEADER] or fastcdc,MIN,AVG,MAX "
-                   "(default: fixed,4194304 for files/devices, fastcdc,524288,2097152,8388608 "
-                   "for streams)")
-    p.add_argument("-C", "--compression", type=Compression.parse, default=Compression.parse("lz4"),
-                   metavar="SPEC", help="none, lz4 (default), zstd[,L], auto,C[,L]")
     p.add_argument("--stdin-name", default="stdin", metavar="NAME")
     p.add_argument("--stdin-mode", type=lambda s: int(s, 8), default=0o660, metavar="M")
     p.add_argument("--content-from-command", action="store_true",
@@ -55,14 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-unused", action="store_true",
                    help="files and devices holding a known filesystem (ext2/3/4, NTFS, FAT, "
                    "XFS, swap...): do not read or store its free blocks (restored as zeros)")
-    p.add_argument("--comment", default="")
-    p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    add_upload_connections(p)
+    add_archive_options(p)
     add_point_in_time(p)
-    p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
-    p.add_argument("-p", "--progress", action="store_true")
-    p.add_argument("-s", "--stats", action="store_true")
-    p.add_argument("--json", action="store_true")
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.set_defaults(func=run)
@@ -70,51 +48,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     repo_loc, archive = split_location(args.location, need_archive=True)
-    assert archive is not None
-    name = expand_placeholders(archive)
+    name = expand_placeholders(archive or "")
     if args.content_from_command:
         if not args.paths:
             raise UsageError("--content-from-command needs a command after --")
     elif not args.paths:
         raise UsageError("nothing to back up: give PATHs or - for stdin")
-    opts = CreateOptions(compression=args.compression, chunker=args.chunker_params,
-                         workers=args.workers, dry_run=args.dry_run, comment=args.comment,
-                         upload_threads=args.upload_connections,
-                         progress=Progress(args.progress, "") if args.progress else None)
-    sopts = SourceOptions(read_special=args.read_special,
-                          read_special_timeout=args.read_special_timeout,
-                          one_file_system=args.one_file_system,
-                          skip_unused=args.skip_unused)
+    progress = make_progress(args, "create")
+    opts = create_options(args, progress)
     pit_opts = point_in_time_options(args)
     files = [] if args.content_from_command else [p for p in args.paths if p != "-"]
     if (pit_opts.snapshot or pit_opts.fsfreeze) and not files:
         raise UsageError("--snapshot and --fsfreeze need PATHs to back up")
     pit = None
+    warnings: list[str] = []
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
-        if name in repo.manifest.archives:  # before a command starts or a byte is read
-            raise ArchiveExists(name)
-        warnings: list[str] = []
         with contextlib.ExitStack() as stack:
             if pit_opts.active:
+                # a taken name must stop us before the pre-command (without one,
+                # create_archive refuses it before a source is opened: they open lazily)
+                refuse_taken_name(repo, name)
                 pit = stack.enter_context(
                     PointInTime(pit_opts, files, protected_paths(repo_loc)))
                 opts.before_commit = pit.check
-            if args.content_from_command:
-                sources = iter([CommandSource(args.paths, args.stdin_name,
-                                              args.stdin_mode).source])
-            else:
-                sources = _warn(_sources(args, sopts, pit), warnings)
-            meta, stats = create_archive(repo, name, sources, opts)
-    if pit is not None:
-        print_notes(pit.notes)
-    if opts.progress:
-        opts.progress.done()  # type: ignore[attr-defined]
-    if args.json:
-        print(json.dumps({"archive": {"name": name, "stats": stats.to_dict(),
-                                      "start": meta["time"], "end": meta["time_end"]},
-                          "dry_run": args.dry_run}, indent=2))
-    elif args.stats:
-        print_stats(name, stats, sys.stdout)
+            meta, _ = create_archive(repo, name, _warn(_sources(args, pit), warnings), opts)
+        if progress:
+            progress.done()
+        if pit is not None:
+            print_notes(pit.notes)
+        report_archive(repo, meta, args.json, args.stats)
     if pit is not None:
         pit.finish()  # a failed --post-command: exit 1, after the output
     return 1 if warnings else 0
@@ -129,7 +91,14 @@ def _warn(sources: Iterator[Source], warnings: list[str]) -> Iterator[Source]:
         yield src
 
 
-def _sources(args: argparse.Namespace, sopts: SourceOptions, pit: PointInTime | None):
+def _sources(args: argparse.Namespace, pit: PointInTime | None) -> Iterator[Source]:
+    if args.content_from_command:
+        yield CommandSource(args.paths, args.stdin_name, args.stdin_mode).source
+        return
+    sopts = SourceOptions(read_special=args.read_special,
+                          read_special_timeout=args.read_special_timeout,
+                          one_file_system=args.one_file_system,
+                          skip_unused=args.skip_unused)
     for p in args.paths:
         if p == "-":
             yield stdin_source(args.stdin_name, args.stdin_mode)
@@ -137,20 +106,3 @@ def _sources(args: argparse.Namespace, sopts: SourceOptions, pit: PointInTime | 
             yield from walk_at(p, pit.path(p), sopts)
         else:
             yield from walk([p], sopts)
-
-
-def print_stats(name: str, s: CreateStats, out) -> None:
-    rate = s.original / s.seconds if s.seconds else 0
-    lines = [
-        f"Archive name: {name}",
-        f"Duration: {s.seconds:.2f} s ({fmt_size(rate)}/s)",
-        f"Number of items: {s.items}",
-        f"Original size: {fmt_size(s.original)}",
-        f"Read: {fmt_size(s.read)}",
-        f"Zero (not stored): {fmt_size(s.zero)} (of which holes, not read: {fmt_size(s.holes)})",
-        f"Unused filesystem space (not read): {fmt_size(s.unused)}",
-        f"Deduplicated (already stored): {fmt_size(s.dedup)}",
-        f"New chunks: {s.new_chunks}, {fmt_size(s.new_plain)} → stored "
-        f"{fmt_size(s.new_stored)} compressed and encrypted",
-    ]
-    out.write("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-"""diskvault disk backup [--serial S | DEVICE | IMAGE] REPO::ARCHIVE  (and disk restore)
+"""diskvault disk backup [--serial S] REPO::ARCHIVE [DEVICE | IMAGE]  (and disk restore)
 
 One archive per disk: the partition table, every partition (free filesystem blocks are
 neither read nor stored) and the gaps between them, in disk order. `disk list` shows
@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 
-from ..archive.create import CreateOptions
-from ..archive.disk import DiskBackupResult, DiskSource, backup_disk, plan_backup
-from ..chunking.base import ChunkerParams
-from ..errors import ArchiveExists, UsageError, Warning_
-from ..repository.compression import Compression
+from ..archive.create import refuse_taken_name
+from ..archive.disk import DiskSource, backup_disk, plan_backup
+from ..errors import UsageError, Warning_
 from ..source.disks import find_by_serial
 from ..source.pointintime import PointInTime
-from .common import (
-    WRITE,
-    Progress,
-    add_common,
-    add_upload_connections,
-    expand_placeholders,
-    open_repo,
-    split_location,
-)
-from .create_cmd import print_stats
+from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .info_cmd import format_disk_items
+from .options import add_archive_options, create_options, make_progress
+from .output import report_archive
 from .pointintime_opts import (
     add_point_in_time,
     point_in_time_options,
@@ -42,6 +32,7 @@ from .pointintime_opts import (
 def register_disk(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "backup", help="back up a whole disk: table, partitions (used blocks only), gaps",
+        usage="%(prog)s [options] REPO::ARCHIVE [DEVICE | IMAGE]",
         description="Back up a whole disk or disk image into one archive: one item per "
         "table structure, partition and gap, in disk order, so that `extract --stdout "
         "REPO::ARCHIVE | dd of=DISK` gives the disk back (free filesystem blocks as zeros) "
@@ -54,93 +45,77 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-unpartitioned", action="store_true",
                    help="store unallocated space after the first partition too (default: "
                    "gaps larger than 1 MiB are not stored and restore as zeros)")
-    p.add_argument("--chunker-params", type=ChunkerParams.parse, default=None,
-                   metavar="PARAMS", help="fixed,SIZE[,HEADER] (default fixed,4194304) or "
-                   "fastcdc,MIN,AVG,MAX")
-    p.add_argument("-C", "--compression", type=Compression.parse,
-                   default=Compression.parse("lz4"), metavar="SPEC",
-                   help="none, lz4 (default), zstd[,L], auto,C[,L]")
-    p.add_argument("--comment", default="")
-    p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    add_upload_connections(p)
+    add_archive_options(p, stats_help="print statistics, per partition too")
     add_point_in_time(p)
-    p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
-    p.add_argument("-p", "--progress", action="store_true")
-    p.add_argument("-s", "--stats", action="store_true",
-                   help="print statistics, per partition too")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("device", nargs="?", metavar="DEVICE|IMAGE")
     p.add_argument("location", metavar="REPO::ARCHIVE")
+    p.add_argument("device", nargs="?", metavar="DEVICE|IMAGE")
     p.set_defaults(func=run)
 
 
-def source_path(args: argparse.Namespace) -> str:
-    if args.serial is not None and args.device:
+def location_and_device(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``REPO::ARCHIVE [DEVICE]``, as in create; the old ``DEVICE REPO::ARCHIVE`` order
+    still works, with a warning. The location is the argument that names an archive."""
+    first, second = args.location, args.device
+    if second is not None and "::" not in first and "::" in second:
+        sys.stderr.write("diskvault: warning: `disk backup DEVICE REPO::ARCHIVE` is "
+                         "deprecated: write `disk backup REPO::ARCHIVE DEVICE`, like create\n")
+        return second, first
+    return first, second
+
+
+def source_path(serial: str | None, device: str | None) -> str:
+    if serial is not None and device:
         raise UsageError("give either --serial or a DEVICE/IMAGE, not both")
-    if args.serial is not None:
-        return find_by_serial(args.serial).path
-    if not args.device:
+    if serial is not None:
+        return find_by_serial(serial).path
+    if not device:
         raise UsageError("which disk? give --serial SERIAL or a DEVICE/IMAGE")
-    return str(args.device)
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
-    repo_loc, archive = split_location(args.location, need_archive=True)
+    location, device = location_and_device(args)
+    repo_loc, archive = split_location(location, need_archive=True)
     name = expand_placeholders(archive or "")
-    path = source_path(args)
-    progress = Progress(args.progress, "") if args.progress else None
-    opts = CreateOptions(compression=args.compression, chunker=args.chunker_params,
-                         workers=args.workers, dry_run=args.dry_run, comment=args.comment,
-                         upload_threads=args.upload_connections,
-                         progress=progress)
+    path = source_path(args.serial, device)
+    progress = make_progress(args, "disk backup")
+    opts = create_options(args, progress)
     pit_opts = point_in_time_options(args)
     pit = None
-    with contextlib.ExitStack() as stack:
-        repo = None
-        if pit_opts.active:
-            # the repository first: an existing name must stop us before a pre-command
-            repo = stack.enter_context(open_repo(repo_loc, WRITE, args.lock_wait))
-            if name in repo.manifest.archives:
-                raise ArchiveExists(name)
-            # taken before the disk is opened: the table and block maps are read from
-            # the point in time too
-            pit = stack.enter_context(PointInTime(pit_opts, [path], protected_paths(repo_loc)))
-            opts.before_commit = pit.check
-        src = DiskSource.open(pit.path(path) if pit else path)
-        src.path = path  # the archive names the disk, not its snapshot
-        try:
-            plan = plan_backup(src, skip_unused=args.skip_unused,
-                               keep_unpartitioned=args.keep_unpartitioned)
-            for w in plan.warnings:  # before the long read, so the user can still stop it
-                sys.stderr.write(f"diskvault: warning: {w}\n")
-            with (contextlib.nullcontext(repo) if repo is not None
-                  else open_repo(repo_loc, WRITE, args.lock_wait)) as r:
-                result = backup_disk(r, name, plan, opts)
-        finally:
-            src.close()
-    if progress:
-        progress.done()
+    with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
+        with contextlib.ExitStack() as stack:
+            if pit_opts.active:
+                refuse_taken_name(repo, name)  # an existing name stops us before a pre-command
+                # taken before the disk is opened: the table and block maps are read from
+                # the point in time too
+                pit = stack.enter_context(
+                    PointInTime(pit_opts, [path], protected_paths(repo_loc)))
+                opts.before_commit = pit.check
+            src = DiskSource.open(pit.path(path) if pit else path)
+            src.path = path  # the archive names the disk, not its snapshot
+            try:
+                plan = plan_backup(src, skip_unused=args.skip_unused,
+                                   keep_unpartitioned=args.keep_unpartitioned)
+                for w in plan.warnings:  # before the long read, so the user can still stop it
+                    sys.stderr.write(f"diskvault: warning: {w}\n")
+                result = backup_disk(repo, name, plan, opts)
+            finally:
+                src.close()
+        # the point in time is over (thawed, snapshot gone): now print
+        if progress:
+            progress.done()
+        if pit is not None:
+            print_notes(pit.notes)
+        items = [{"path": i.path, "source": i.source, "disk_offset": i.disk_offset,
+                  "size": i.size, "partition": i.partition, "fs": i.fs, "note": i.note,
+                  **(i.stats or {})} for i in result.items]
+        report_archive(repo, result.meta, args.json, args.stats,
+                       extra_json={"disk": result.meta["disk"], "items": items,
+                                   "warnings": result.warnings},
+                       extra_lines=format_disk_items(result.items))
     if pit is not None:
-        print_notes(pit.notes)
-    _report(args, name, result)
-    if pit is not None:
-        pit.finish()
+        pit.finish()  # a failed --post-command: exit 1, after the output
     if result.warnings:
         raise Warning_(f"{len(result.warnings)} warning(s): the backup of {path} is not "
                        "crash-consistent")
     return 0
-
-
-def _report(args: argparse.Namespace, name: str, r: DiskBackupResult) -> None:
-    if args.json:
-        items = [{"path": i.path, "source": i.source, "disk_offset": i.disk_offset,
-                  "size": i.size, "partition": i.partition, "fs": i.fs, "note": i.note,
-                  **(i.stats or {})} for i in r.items]
-        print(json.dumps({"archive": {"name": name, "stats": r.stats.to_dict(),
-                                      "start": r.meta["time"], "end": r.meta["time_end"],
-                                      "disk": r.meta["disk"], "items": items},
-                          "warnings": r.warnings, "dry_run": args.dry_run}, indent=2))
-    elif args.stats:
-        print_stats(name, r.stats, sys.stdout)
-        for line in format_disk_items(r.items):
-            print(line)

@@ -12,6 +12,7 @@ import sys
 
 from ..source.disks import Disk, list_disks
 from . import disk_backup_cmd, disk_restore_cmd
+from .output import fmt_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,10 +79,5 @@ def format_disks(disks: list[Disk]) -> str:
 
 
 def human(n: int) -> str:
-    """Binary units with one decimal (4.0 MiB); exact bytes below 1 KiB."""
-    if n < 1024:
-        return f"{n} B"
-    value, units = n / 1024, ["KiB", "MiB", "GiB", "TiB", "PiB"]
-    while value >= 1024 and len(units) > 1:
-        value, units = value / 1024, units[1:]
-    return f"{value:.1f} {units[0]}"
+    """Binary units with one decimal (4.0 MiB), like lsblk; exact bytes below 1 KiB."""
+    return fmt_size(n, binary=True)

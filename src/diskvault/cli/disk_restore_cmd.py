@@ -11,15 +11,9 @@ import sys
 from ..archive.disk_restore import DiskArchive, describe, execute, plan_restore
 from ..archive.extract import Damage, damage_lines
 from ..archive.view import ArchiveView
-from .common import (
-    READ,
-    Progress,
-    add_common,
-    fmt_size,
-    open_repo,
-    report_warnings,
-    split_location,
-)
+from .common import READ, add_common, open_repo, report_warnings, split_location
+from .options import add_progress, make_progress
+from .output import fmt_size
 
 
 def register_disk(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +34,7 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
                    help="restore past unreadable chunks: zeros there, every damaged range "
                    "listed, exit code 1")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("-p", "--progress", action="store_true")
+    add_progress(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("target", metavar="TARGET")
     p.set_defaults(func=run)
@@ -55,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(describe(plan, fmt_size)))
             print("Nothing written (--dry-run).")
             return 0
-        progress = Progress(args.progress, "restore: ")
+        progress = make_progress(args, "disk restore")
         damage: list[Damage] | None = [] if args.continue_on_error else None
         result = execute(repo, plan, args.workers, progress, damage)
-        progress.done()
+        if progress:
+            progress.done()
     if args.progress:
         sys.stderr.write(f"restored {fmt_size(plan.size)} onto {args.target}: "
                          f"{fmt_size(result.written)} written, {fmt_size(result.blank)} "

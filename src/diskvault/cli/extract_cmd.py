@@ -12,7 +12,8 @@ from ..archive.file_extract import extract_files, files_paths
 from ..archive.restore import extract_stdout, extract_tree
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
-from .common import READ, Progress, add_common, open_repo, report_warnings, split_location
+from .common import READ, add_common, open_repo, report_warnings, split_location
+from .options import add_progress, make_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="restore past unreadable chunks: zeros there, every damaged range "
                    "listed, exit code 1")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("-p", "--progress", action="store_true")
+    add_progress(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("paths", nargs="*", metavar="PATTERN",
                    help="a path (with everything below it) or a glob: *, ?, [...], **; "
@@ -59,20 +60,24 @@ def run(args: argparse.Namespace) -> int:
         warnings = [f"pattern {p!r} matched no item" for p in unmatched]
         damage: list[Damage] | None = [] if args.continue_on_error else None
         total = sum(i.size for i in items if i.extents is not None)
-        progress = Progress(args.progress, "extract: ")
+        progress = make_progress(args, "extract")
+
+        def report(done: int) -> None:
+            if progress:
+                progress(done, total)
         if args.stdout:
             sys.stdout.flush()
             extract_stdout(repo, items, sys.stdout.fileno(), args.workers,
-                           lambda d: progress(d, total), damage=damage)
+                           report, damage=damage)
         else:
             skipped = extract_tree(repo, items, os.getcwd(), sparse=args.sparse,
                                    workers=args.workers, numeric_ids=args.numeric_ids,
-                                   progress=lambda d: progress(d, total),
-                                   devices=args.devices, damage=damage)
+                                   progress=report, devices=args.devices, damage=damage)
             if skipped:
                 warnings.append(f"{len(skipped)} device node(s) not created ({skipped[0]}"
                                 f"{', …' if len(skipped) > 1 else ''}): --devices creates them")
-        progress.done()
+        if progress:
+            progress.done()
     warnings += damage_lines(damage or [])
     return report_warnings(warnings)
 

@@ -9,7 +9,15 @@ from ..archive.model import Item
 from ..archive.view import ArchiveView
 from ..errors import IntegrityError
 from ..storage.url import mask
-from .common import READ, add_common, fmt_size, fmt_time, open_repo, split_location
+from .common import READ, add_common, open_repo, split_location
+from .output import (
+    archive_json,
+    cache_json,
+    encryption_json,
+    fmt_size,
+    repository_json,
+    stats_lines,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def repo_summary(repo) -> dict:
+    """diskvault's repository figures (extra keys of Borg's ``repository`` object)."""
     plain = stored = chunks = 0
     for _, loc in repo.index.items():
         chunks += 1
@@ -33,9 +42,8 @@ def repo_summary(repo) -> dict:
             original += int(stats.get("original", 0)) if isinstance(stats, dict) else 0
         except IntegrityError:  # a damaged archive must not hide the rest: check names it
             unreadable += 1
-    return {"location": repo.store.location, "id": repo.id.hex(), "encryption": repo.encryption,
-            "append_only": repo.append_only, "archives": len(repo.manifest.archives),
-            "unreadable_archives": unreadable,
+    return {**repository_json(repo), "encryption": repo.encryption,
+            "archives": len(repo.manifest.archives), "unreadable_archives": unreadable,
             "original_size": original, "unique_chunks": chunks, "unique_size": plain,
             "stored_size": stored}
 
@@ -46,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         summary = repo_summary(repo)
         if name is None:
             if args.json:
-                print(json.dumps({"repository": summary}, indent=2))
+                print(json.dumps({"repository": summary, "encryption": encryption_json(repo),
+                                  "cache": cache_json(repo)}, indent=2))
                 return 0
             print(f"Repository: {summary['location']}\nRepository ID: {summary['id']}\n"
                   f"Encryption: {summary['encryption']}"
@@ -60,37 +69,28 @@ def run(args: argparse.Namespace) -> int:
                   f"{fmt_size(summary['stored_size'])}")
             return 0
         view = ArchiveView.open(repo, name)
-        m, s = view.meta, view.meta.get("stats", {})
-        items = [{"path": i.path, "size": i.size, "source": i.source, "fs": i.fs,
-                  "partition": i.partition, "disk_offset": i.disk_offset, "note": i.note,
-                  **(i.stats or {})} for i in view.items if i.extents is not None]
-        info = {"name": name, "id": view.ref.id.hex(), "hostname": m.get("hostname"),
-                "username": m.get("username"), "start": m.get("time"), "end": m.get("time_end"),
-                # masked again: archives made before masking may hold S3 secrets
-                "command_line": [mask(str(a)) for a in m.get("command_line") or []],
-                "comment": m.get("comment"),
-                "compression": m.get("compression"), "chunker": m.get("chunker"),
-                "stats": s, "items": items, "disk": m.get("disk")}
+        m, archive_id = view.meta, view.ref.id.hex()
         if args.json:
-            print(json.dumps({"archive": info, "repository": summary}, indent=2, default=str))
+            items = [{"path": i.path, "size": i.size, "source": i.source, "fs": i.fs,
+                      "partition": i.partition, "disk_offset": i.disk_offset, "note": i.note,
+                      **(i.stats or {})} for i in view.items if i.extents is not None]
+            info = {**archive_json(repo, m, lambda: view.items, archive_id),
+                    "chunker": m.get("chunker"), "items": items, "disk": m.get("disk")}
+            # Borg's key is "archives"; "archive" stays for diskvault's earlier scripts
+            print(json.dumps({"archives": [info], "archive": info, "repository": summary,
+                              "encryption": encryption_json(repo), "cache": cache_json(repo)},
+                             indent=2, default=str))
             return 0
-        dur = (m.get("time_end", 0) - m.get("time", 0))
-        print(f"Archive name: {name}\nArchive fingerprint: {info['id']}\n"
-              f"Hostname: {info['hostname']}\nUsername: {info['username']}\n"
-              f"Time (start): {fmt_time(m.get('time', 0))}\n"
-              f"Time (end): {fmt_time(m.get('time_end', 0))}\nDuration: {dur:.2f} s\n"
-              f"Command line: {' '.join(info['command_line'] or [])}\n"
-              f"Compression: {info['compression']}, chunker: {info['chunker']}\n"
-              f"Number of items: {m.get('nitems')}\n"
-              f"Original size: {fmt_size(s.get('original', 0))}\n"
-              f"Read: {fmt_size(s.get('read', 0))}\n"
-              f"Zero (not stored): {fmt_size(s.get('zero', 0))}\n"
-              f"Unused filesystem space (not read): {fmt_size(s.get('unused', 0))}\n"
-              f"Deduplicated: {fmt_size(s.get('dedup', 0))}\n"
-              f"Stored by this archive: {fmt_size(s.get('new_stored', 0))} "
-              f"({s.get('new_chunks', 0)} new chunks)")
-        if info["disk"]:
-            print(format_disk(info["disk"]))
+        lines = stats_lines(m, archive_id)
+        lines[2:2] = [f"Hostname: {m.get('hostname')}", f"Username: {m.get('username')}",
+                      # masked again: archives made before masking may hold S3 secrets
+                      "Command line: "
+                      + " ".join(mask(str(a)) for a in m.get("command_line") or []),
+                      f"Comment: {m.get('comment') or ''}",
+                      f"Compression: {m.get('compression')}, chunker: {m.get('chunker')}"]
+        print("\n".join(lines))
+        if m.get("disk"):
+            print(format_disk(m["disk"]))
         for line in format_disk_items(view.items):
             print(line)
     return 0

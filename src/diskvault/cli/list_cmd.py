@@ -10,15 +10,8 @@ import sys
 
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
-from .common import (
-    READ,
-    add_common,
-    fmt_time,
-    iso_time,
-    open_repo,
-    report_warnings,
-    split_location,
-)
+from .common import READ, add_common, open_repo, report_warnings, split_location
+from .output import encryption_json, fmt_time, iso_time, repository_json
 
 ARCHIVE_FORMAT = "{archive:<40} {time} [{id}]{NL}"
 ITEM_FORMAT = "{mode} {user:6} {group:6} {size:>12} {mtime} {path}{NL}"
@@ -33,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list archives, or the items of one archive")
     add_common(p)
     p.add_argument("--format", metavar="FMT", help="e.g. '{archive}{NL}' or '{path}{NL}'")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="archives: one JSON document like Borg's; items: JSON lines")
+    p.add_argument("--json-lines", action="store_true",
+                   help="items: one JSON object per line (Borg's list --json-lines)")
     p.add_argument("--short", action="store_true", help="names/paths only")
     p.add_argument("location", metavar="REPO[::ARCHIVE]", nargs="?")
     p.add_argument("paths", nargs="*", metavar="PATTERN",
@@ -61,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     with open_repo(repo_loc, READ, args.lock_wait) as repo:
         if name is None:
             rows = [archive_row(repo, ref) for ref in repo.manifest.sorted_archives()]
-            if args.json:
-                print(json.dumps({"archives": [_public(r) for r in rows]}, indent=2))
+            if args.json or args.json_lines:
+                doc = {"archives": [_json_archive(r) for r in rows],
+                       "repository": repository_json(repo), "encryption": encryption_json(repo)}
+                print(json.dumps(doc, indent=2))
                 return 0
             fmt = "{archive}{NL}" if args.short else (args.format or ARCHIVE_FORMAT)
             for r in rows:
@@ -71,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         view = ArchiveView.open(repo, name)
         unmatched: list[str] = []
         items = select_items(view.items, args.paths, unmatched)
-        if args.json:
+        if args.json or args.json_lines:
             for i in items:
-                print(json.dumps(_public(item_row(i))))
+                print(json.dumps(_json_item(i)))
         else:
             fmt = "{path}{NL}" if args.short else (args.format or ITEM_FORMAT)
             for i in items:
@@ -82,8 +80,16 @@ def run(args: argparse.Namespace) -> int:
     return report_warnings([f"pattern {p!r} matched no item" for p in unmatched])
 
 
-def _public(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in SPECIAL and k != "barchive"}
+def _json_archive(row: dict) -> dict:
+    """Borg's keys (``time`` in ISO 8601 like ``start``) and diskvault's."""
+    return {**row, "time": row["start"]}
+
+
+def _json_item(i) -> dict:
+    """Borg's item keys (mtime in ISO 8601, ``healthy``, ``linktarget``, ``flags``: diskvault
+    stores no BSD flags) and diskvault's (``source``: where the content came from)."""
+    return {**item_row(i), "mtime": iso_time(i.mtime / 1e9) if i.mtime else "",
+            "healthy": i.health is None, "linktarget": i.target or "", "flags": 0}
 
 
 def archive_row(repo, ref) -> dict:

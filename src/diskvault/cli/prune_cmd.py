@@ -8,7 +8,8 @@ import json
 
 from ..archive.prune import PERIODS, parse_interval, plan_prune
 from ..errors import AppendOnlyError
-from .common import EXCLUSIVE_LOCK, READ, add_common, fmt_time, open_repo, split_location
+from .common import EXCLUSIVE_LOCK, READ, add_common, open_repo, split_location
+from .output import fmt_time
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,63 @@
+"""Argument groups several commands share, so each option has one spelling and one help."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..archive.create import CreateOptions
+from ..chunking.base import ChunkerParams
+from ..repository.compression import Compression
+from .progress import Progress
+
+
+def _connections(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of connections from 1 to 64: {s!r}")
+    return n
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--progress", action="store_true",
+                   help="show progress: a live line on a terminal, otherwise a plain line "
+                   "every few seconds (JSON lines with --log-json)")
+    p.add_argument("--log-json", action="store_true",
+                   help="write progress as JSON lines (Borg's progress_percent records)")
+
+
+def make_progress(args: argparse.Namespace, operation: str) -> Progress | None:
+    """The progress display the options ask for, or None without --progress."""
+    if not args.progress:
+        return None
+    return Progress(operation, log_json=args.log_json)
+
+
+def add_archive_options(p: argparse.ArgumentParser, stats_help: str = "print statistics"
+                        ) -> None:
+    """What every command that writes an archive takes (create, disk backup)."""
+    p.add_argument("--chunker-params", type=ChunkerParams.parse, default=None,
+                   metavar="PARAMS", help="fixed,SIZE[,HEADER] or fastcdc,MIN,AVG,MAX "
+                   "(default: fixed,4194304 for files and devices, "
+                   "fastcdc,524288,2097152,8388608 for streams)")
+    p.add_argument("-C", "--compression", type=Compression.parse,
+                   default=Compression.parse("lz4"), metavar="SPEC",
+                   help="none, lz4 (default), zstd[,L], auto,C[,L]")
+    p.add_argument("--comment", default="")
+    p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--upload-connections", type=_connections, default=None, metavar="N",
+                   help="upload N packs at once (default: 4 for S3 and SFTP, 1 for a "
+                   "local directory; each costs one pack of memory, 32 MiB by default)")
+    p.add_argument("-n", "--dry-run", action="store_true", help="read and count, store nothing")
+    add_progress(p)
+    p.add_argument("-s", "--stats", action="store_true", help=stats_help)
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (Borg's keys, plus diskvault's figures)")
+
+
+def create_options(args: argparse.Namespace, progress: Progress | None) -> CreateOptions:
+    return CreateOptions(compression=args.compression, chunker=args.chunker_params,
+                         workers=args.workers, dry_run=args.dry_run, comment=args.comment,
+                         upload_threads=args.upload_connections, progress=progress)
