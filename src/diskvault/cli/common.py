@@ -8,10 +8,12 @@ import os
 import re
 import socket
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from .. import __version__
 from ..crypto.passphrase import check_new_passphrase, get_passphrase
 from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
@@ -37,17 +39,34 @@ def split_location(loc: str | None, need_archive: bool | None) -> tuple[str, str
     return repo, archive or None
 
 
-_PLACEHOLDER = re.compile(r"\{(now|utcnow|hostname|fqdn|user)(?::([^}]*))?\}")
+_PLACEHOLDER = re.compile(
+    r"\{(now|utcnow|hostname|fqdn|user|pid|uuid4|version)(?::([^}]*))?\}")
+
+
+def fqdn() -> str:
+    """The host's fully qualified name, as Borg finds it: the canonical name of the host
+    name. ``socket.getfqdn()`` answers "localhost" on hosts whose name maps to 127.0.1.1
+    with "localhost" among its aliases (Debian's /etc/hosts)."""
+    name = socket.gethostname()
+    try:
+        addrs = socket.getaddrinfo(name, None, 0, socket.SOCK_DGRAM, 0, socket.AI_CANONNAME)
+    except OSError:
+        return name
+    return next((a[3] for a in addrs if a[3]), name)
 
 
 def expand_placeholders(name: str) -> str:
+    """Borg's archive-name placeholders; ``{version}`` is Borg's ``{borgversion}``."""
     now = datetime.now()
     values = {
         "now": lambda f: now.strftime(f or "%Y-%m-%dT%H:%M:%S"),
         "utcnow": lambda f: datetime.now(UTC).strftime(f or "%Y-%m-%dT%H:%M:%S"),
         "hostname": lambda f: socket.gethostname().split(".")[0],
-        "fqdn": lambda f: socket.getfqdn(),
+        "fqdn": lambda f: fqdn(),
         "user": lambda f: getpass.getuser(),
+        "pid": lambda f: str(os.getpid()),
+        "uuid4": lambda f: str(uuid.uuid4()),
+        "version": lambda f: __version__,
     }
     out = _PLACEHOLDER.sub(lambda m: values[m.group(1)](m.group(2)), name)
     if "{" in out or "}" in out:

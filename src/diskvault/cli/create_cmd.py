@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 opts.before_commit = pit.check
             meta, _ = create_archive(repo, name, _warn(_sources(args, pit), warnings), opts)
         if progress:
-            progress.done()
+            progress.done(int(meta["stats"]["original"]))
         if pit is not None:
             print_notes(pit.notes)
         report_archive(repo, meta, args.json, args.stats)

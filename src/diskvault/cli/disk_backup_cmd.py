@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 src.close()
         # the point in time is over (thawed, snapshot gone): now print
         if progress:
-            progress.done()
+            progress.done(result.stats.original)
         if pit is not None:
             print_notes(pit.notes)
         items = [{"path": i.path, "source": i.source, "disk_offset": i.disk_offset,

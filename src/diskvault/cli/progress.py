@@ -118,10 +118,13 @@ class Progress:
                 "current": self.done_bytes, "total": self.total, "rate": self.rate(),
                 "eta": self.eta(), "time": self.wall_clock()}
 
-    def done(self) -> None:
+    def done(self, final: int | None = None) -> None:
+        """End the display; ``final``: the figure reached (the last sample may be older)."""
         if self.finished:
             return
         self.finished = True
+        if final is not None:
+            self.done_bytes = final
         if self.mode == "tty":
             self.out.write("\r" + " " * 79 + "\r")
         elif self.mode == "plain":
