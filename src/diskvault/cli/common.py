@@ -111,6 +111,13 @@ def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterat
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lock-wait", type=float, default=1.0, metavar="SECONDS",
                    help="wait at most this long for a repository lock (default 1)")
+    add_rsh(p)
+
+
+def add_rsh(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rsh", metavar="RSH", help="ssh options for ssh:// and sftp:// "
+                   "repositories, like Borg's: 'ssh -i KEY -p PORT -o Option=value' "
+                   "(also $DISKVAULT_RSH; options the SFTP backend cannot honour are refused)")
 
 
 def parse_size(s: str) -> int:

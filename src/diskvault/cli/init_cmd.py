@@ -6,7 +6,7 @@ import argparse
 
 from ..repository.repo import DEFAULT_PACK_SIZE, Repository, keyfile_path
 from ..storage.url import mask, open_store
-from .common import parse_size, passphrase_fn, split_location
+from .common import add_rsh, parse_size, passphrase_fn, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="nothing can ever be deleted or overwritten through this repository")
     p.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_SIZE,
                    help=argparse.SUPPRESS)  # tests use tiny packs
+    add_rsh(p)
     p.add_argument("location", metavar="REPO", nargs="?")
     p.set_defaults(func=run)
 

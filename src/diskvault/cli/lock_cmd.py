@@ -7,12 +7,13 @@ import argparse
 from ..repository.lock import break_locks
 from ..repository.repo import Repository
 from ..storage.url import open_store
-from .common import split_location
+from .common import add_rsh, split_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("break-lock", help="remove all repository locks (only when the "
                        "processes holding them are gone)")
+    add_rsh(p)
     p.add_argument("location", metavar="REPO", nargs="?")
     p.set_defaults(func=run)
 

@@ -16,6 +16,7 @@ import traceback
 
 from .. import __version__
 from ..errors import DiskvaultError
+from ..storage.rsh import RSH_ENV
 from . import (
     check_cmd,
     compact_cmd,
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("DISKVAULT_DEBUG")) or "--debug" in (argv or sys.argv)
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "rsh", None) is not None:  # read where an SFTP store is opened
+            os.environ[RSH_ENV] = args.rsh
         return int(args.func(args) or 0)
     except DiskvaultError as e:
         if debug:

@@ -82,6 +82,7 @@ class SftpStore(Store):
         accept_new_hostkey: bool | None = None,
         timeout: float = 60.0,
         location: str | None = None,
+        ssh_options: dict[str, Any] | None = None,
     ) -> None:
         if not path:
             raise ValueError("an SFTP store needs a path")
@@ -89,6 +90,7 @@ class SftpStore(Store):
         self.path = path.rstrip("/") or "/"  # relative paths are relative to the login dir
         self.location = location or f"sftp://{host}/{path.lstrip('/')}"
         self._accept_new = accept_new_hostkey
+        self._ssh_options = dict(ssh_options or {})  # --rsh: wins over ~/.ssh/config
         self._timeout = timeout
         self._lock = threading.Lock()
         self.connections = max(1, min(connections, MAX_CHANNELS))
@@ -120,6 +122,11 @@ class SftpStore(Store):
                 continue
             except (OSError, paramiko.ConfigParseError) as e:
                 raise storage_error(f"{self.location}: cannot read {f}: {e}", False) from None
+        for key, value in self._ssh_options.items():
+            if key == "identityfile":  # tried first, then the config's
+                cfg[key] = [*value, *cfg.get(key, [])]
+            else:
+                cfg[key] = value
         return cfg
 
     def _connect(self) -> paramiko.SSHClient:
@@ -127,17 +134,20 @@ class SftpStore(Store):
         hostname = cfg.get("hostname", self.host)
         port = self.port or int(cfg.get("port", 22))
         user = self.user or cfg.get("user")
-        known = os.path.expanduser("~/.ssh/known_hosts")
+        # UserKnownHostsFile replaces ~/.ssh/known_hosts, as in OpenSSH
+        known_files = [os.path.expanduser(f) for f in
+                       str(cfg.get("userknownhostsfile", "~/.ssh/known_hosts")).split()]
+        known = known_files[0]
         ssh = paramiko.SSHClient()
         try:
-            ssh.load_system_host_keys()  # ~/.ssh/known_hosts
-            for f in str(cfg.get("userknownhostsfile", "")).split():
-                f = os.path.expanduser(f)
+            for f in known_files:
                 if os.path.exists(f):
                     ssh.load_system_host_keys(f)
         except (OSError, paramiko.SSHException) as e:
             raise storage_error(f"{self.location}: cannot read known hosts: {e}", False) from None
         accept = self._accept_new
+        if accept is None and "stricthostkeychecking" in self._ssh_options:
+            accept = self._ssh_options["stricthostkeychecking"] in ("accept-new", "no", "off")
         if accept is None:
             accept = (os.environ.get(ACCEPT_NEW_ENV, "") not in ("", "0")
                       or cfg.get("stricthostkeychecking") in ("accept-new", "no"))

@@ -5,6 +5,8 @@ Accepted forms::
     /path/to/repo, relative/path, file:///path/to/repo
     sftp://[USER@]HOST[:PORT]/ABSOLUTE/PATH
     sftp://[USER@]HOST[:PORT]/~/PATH          (PATH relative to the login directory)
+    ssh://[USER@]HOST[:PORT]/PATH, ssh://.../~/PATH, ssh://..././PATH  (Borg's spelling:
+                                              the same SFTP repository; ./ = ~/)
     s3:[CRED@]http[s]://HOST[:PORT]/BUCKET[/PATH]   (S3-compatible endpoint, path-style)
     s3:[CRED@]/BUCKET[/PATH]                         (AWS S3)
 
@@ -13,7 +15,8 @@ name from ``~/.aws/credentials``; without it boto3 reads ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_PROFILE``. The secret never appears in
 ``Store.location`` (messages show ``KEY:***@``).
 
-SFTP logins use ``~/.ssh/config``, the SSH agent and ``~/.ssh/known_hosts`` like
+SFTP logins take ssh options from ``--rsh``/``DISKVAULT_RSH`` (see rsh.py), then use
+``~/.ssh/config``, the SSH agent and ``~/.ssh/known_hosts`` like
 OpenSSH; ``DISKVAULT_SFTP_ACCEPT_NEW_HOSTKEY=1`` trusts (and records) a host key never
 seen before — meant for tests and first contact, never for a changed key.
 
@@ -30,14 +33,15 @@ from urllib.parse import unquote
 from ..errors import UsageError
 from .base import Store
 from .local import LocalStore
+from .rsh import rsh_options
 
 SYNTAX = (
-    "expected PATH, file://PATH, sftp://[USER@]HOST[:PORT]/PATH, "
+    "expected PATH, file://PATH, sftp://[USER@]HOST[:PORT]/PATH (or ssh://...), "
     "s3:[KEY:SECRET@]http[s]://HOST[:PORT]/BUCKET[/PATH] or s3:[KEY:SECRET@]/BUCKET[/PATH]"
 )
 
 _SFTP_RE = re.compile(
-    r"sftp://(?:(?P<user>[^@/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\[\]]+)"
+    r"(?:sftp|ssh)://(?:(?P<user>[^@/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\[\]]+)"
     r"(?::(?P<port>\d{1,5}))?(?P<path>/.*)"
 )
 _S3_RE = re.compile(
@@ -54,7 +58,7 @@ def mask(location: str) -> str:
     (or a command line argument that may be one) passes it through here."""
     # greedy up to the last '@': a secret with a stray '@' is masked whole, too
     location = re.sub(r"^(s3:[^:@/]+:).*@", r"\1***@", location)
-    return re.sub(r"^(sftp://[^:@/]+:)[^/]*@", r"\1***@", location)
+    return re.sub(r"^((?:sftp|ssh)://[^:@/]+:)[^/]*@", r"\1***@", location)
 
 
 def open_store(location: str, *, retry: bool = True) -> Store:
@@ -62,7 +66,7 @@ def open_store(location: str, *, retry: bool = True) -> Store:
     store: Store
     if location.startswith("s3:"):
         store = _open_s3(location)
-    elif location.startswith("sftp://"):
+    elif location.startswith(("sftp://", "ssh://")):
         store = _open_sftp(location)
     elif location.startswith("file://"):
         path = location[len("file://") :]
@@ -70,7 +74,7 @@ def open_store(location: str, *, retry: bool = True) -> Store:
             raise UsageError(f"no path in {mask(location)!r}: {SYNTAX}")
         return LocalStore(unquote(path))
     elif (not location or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(/|$)", location)
-          or location.startswith(("sftp:", "file:"))):
+          or location.startswith(("sftp:", "ssh:", "file:"))):
         raise UsageError(f"cannot understand repository location {mask(location)!r}: {SYNTAX}")
     elif re.match(r"[^/@]+@[^/:]+:", location):
         # Borg 1's scp-like "user@host:path" would silently become a local directory
@@ -119,13 +123,18 @@ def _open_sftp(location: str) -> Store:
         raise UsageError(f"passwords in sftp locations are not supported (use SSH keys): "
                          f"{mask(location)!r}")
     path = unquote(m["path"])
-    if path.startswith("/~/"):
-        path = path[3:]  # relative: the SFTP server starts in the login directory
+    if path.startswith(("/~/", "/./")):
+        # relative: the SFTP server starts in the login directory (Borg's ssh:// "./"
+        # means the directory ssh starts in, which is the same)
+        path = path[3:]
+    if path in ("", "."):
+        raise UsageError(f"cannot understand repository location {mask(location)!r}: {SYNTAX}")
+    options = rsh_options()  # checked before paramiko is imported
     from .sftp import SftpStore  # paramiko is imported only for sftp repositories
 
     return SftpStore(
         m["host"].strip("[]"), path, user=unquote(m["user"]) if m["user"] else None,
-        port=_port(m["port"], location), location=location,
+        port=_port(m["port"], location), location=location, ssh_options=options,
     )
 
 
