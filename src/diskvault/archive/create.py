@@ -159,6 +159,7 @@ class ArchiveBuilder:
         for kind, length, data in content.pieces(make_chunker(params, self.repo.chunker_seed)):
             size += length
             if kind == DATA:
+                assert data is not None  # zero and unused runs alone carry no bytes
                 queue.append((self.pool.submit(self._seal, data), kind, length))
                 busy += 1
             else:

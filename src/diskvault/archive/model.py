@@ -83,9 +83,6 @@ class Extents:
     def num_chunks(self) -> int:
         return sum(1 for k, _, _ in self if k == DATA)
 
-    def bytes_of(self, kind: int) -> int:
-        return sum(n for k, n, _ in self if k == kind)
-
     def __bytes__(self) -> bytes:
         return bytes(self.buf)
 
@@ -105,10 +102,6 @@ class Item(Meta):
     stats: dict | None = None  # read/zero/unused/dedup bytes of this item at creation
     health: dict | None = None  # set by check --repair: damaged ranges
     extra: dict = field(default_factory=dict)
-
-    @property
-    def has_content(self) -> bool:
-        return self.extents is not None
 
     def to_dict(self) -> dict:
         d: dict = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -44,9 +43,6 @@ class ArchiveView:
             return list(read_item_stream(self.meta.get("items", []), self.repo.get_chunk))
         except IntegrityError as e:
             raise IntegrityError(f"archive {self.name!r}: item metadata: {e}") from None
-
-    def iter_items(self) -> Iterator[Item]:
-        yield from self.items
 
 
 def select_items(items: list[Item], patterns: list[str],

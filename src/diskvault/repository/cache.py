@@ -154,12 +154,6 @@ class RepoCache:
         if self.enabled:
             self._write_index(st)
 
-    def invalidate(self) -> None:
-        try:
-            os.unlink(os.path.join(self.dir, "index"))
-        except OSError:
-            pass
-
     # --- archive metadata --------------------------------------------------------------
 
     def _archive_path(self, archive_id: bytes) -> str:
