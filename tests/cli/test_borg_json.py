@@ -144,3 +144,18 @@ def test_list_json_lines_has_borgs_item_keys(pair):
         assert match, r["path"]
         assert missing_keys(r, match[0]) == []
         assert match[0]["size"] == r["size"]
+
+
+@needs_tool("sfdisk")
+def test_disk_backup_json_has_borgs_create_keys(pair, tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(random.Random(9).randbytes(8 << 20))
+    subprocess.run(["sfdisk", "-q", str(img)], input=b"label: gpt\n,6MiB,L\n", check=True,
+                   capture_output=True)
+    repo = str(tmp_path / "repo")
+    env = {**pair["env"], "HOME": str(tmp_path)}
+    dv("init", "-e", "none", repo, env=env)
+    ours = json.loads(dv("disk", "backup", "--json", f"{repo}::d", str(img), env=env).stdout)
+    assert missing_keys(pair["create"][0], ours) == []
+    assert ours["archive"]["stats"]["original_size"] == 8 << 20
+    assert ours["archive"]["disk"]["label"] == "gpt" and ours["dry_run"] is False
