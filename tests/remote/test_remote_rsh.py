@@ -77,3 +77,20 @@ def test_rsh_parsing() -> None:
                      "-o StrictHostKeyChecking=Accept-New -oProxyCommand='nc %h %p'") == {
         "identityfile": [os.path.expanduser("~/k1"), "k2"], "port": "2222", "user": "alice",
         "stricthostkeychecking": "accept-new", "proxycommand": "nc %h %p"}
+
+
+def test_ssh_url_forms() -> None:
+    from diskvault.storage.url import mask, open_store
+
+    def target(location: str) -> tuple:
+        s = open_store(location, retry=False)
+        return s.host, s.user, s.port, s.path  # type: ignore[attr-defined]
+
+    assert target("ssh://bob@nas:2222/srv/repo") == ("nas", "bob", 2222, "/srv/repo")
+    assert target("ssh://nas/./repo") == ("nas", None, None, "repo")  # Borg: relative
+    assert target("ssh://nas/~/repo") == ("nas", None, None, "repo")
+    assert target("ssh://[::1]:22/r") == ("::1", None, 22, "/r")
+    assert mask("ssh://bob:pw@nas/r") == "ssh://bob:***@nas/r"
+    for bad in ("ssh://nas", "ssh://nas/./", "ssh:/nas/r"):
+        with pytest.raises(UsageError, match="cannot understand repository location"):
+            open_store(bad)
