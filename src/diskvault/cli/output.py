@@ -119,7 +119,9 @@ def archive_json(repo: Repository, meta: dict, items: Callable[[], list[Item]],
         "comment": meta.get("comment", ""),
         # masked again: archives made before masking may hold S3 secrets
         "command_line": [mask(str(a)) for a in meta.get("command_line") or []],
-        "chunker_params": str(chunker).split(",") if chunker else [],
+        # Borg's form: ["buzhash", 19, 23, 21, 4095] → ["fixed", 4194304]
+        "chunker_params": [int(p) if p.isdigit() else p for p in str(chunker).split(",")]
+        if chunker else [],
         "compression": meta.get("compression"),
         "stats": archive_stats_json(repo, meta, items),
     }
