@@ -87,7 +87,8 @@ def pair(request, tmp_path_factory):
     subprocess.run(["borg", "init", "-e", "repokey-blake2" if mode == "repokey" else "none",
                     brepo], env=benv, check=True, capture_output=True)
     env = {"HOME": str(home), "DISKVAULT_KEYS_DIR": str(home / "keys"),
-           "DISKVAULT_CACHE_DIR": str(home / "cache"), "DISKVAULT_TESTONLY_WEAKEN_KDF": "1",
+           "DISKVAULT_CACHE_DIR": str(home / "cache"),
+           "DISKVAULT_SECURITY_DIR": str(home / "security"),
            "DISKVAULT_PASSPHRASE": "pw"}
     dv("init", "-e", mode, drepo, env=env)
     out = {"benv": benv, "env": env, "brepo": brepo, "drepo": drepo, "data": str(data),
