@@ -39,7 +39,7 @@ TAIL = 28 * MiB  # where the large gap starts
 
 def disk_backup(source: str, location: str, *opts: str) -> str:
     """The one place that knows disk backup's argument order."""
-    return dv("disk", "backup", *opts, source, location).stdout.decode()
+    return dv("disk", "backup", *opts, location, source).stdout.decode()
 
 
 @pytest.fixture(scope="module")
