@@ -15,7 +15,9 @@ from ..archive.reader import ItemReader, open_archive_readers
 from ..errors import TargetError, UsageError
 from ..serve import instant
 from ..serve.nbd import Export, NbdServer
-from .common import READ, Progress, add_common, open_repo, parse_size, split_location
+from .common import READ, add_common, open_repo, parse_size, split_location
+from .options import add_progress, make_progress
+from .progress import Progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "set it where QEMU's user can connect, e.g. under libvirt)")
     p.add_argument("--no-start", dest="start", action="store_false",
                    help="leave a paused VM paused")
-    p.add_argument("-p", "--progress", action="store_true")
+    add_progress(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("target", metavar="TARGET", help="the new local image the disk is copied to")
     p.add_argument("item", nargs="?", metavar="ITEM",
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             device=None if args.device == "none" else args.device,
             device_id=args.device_id, speed=args.speed, start=args.start)
         try:
-            asyncio.run(_serve_and_copy(reader, plan, Progress(args.progress, "copy: ")))
+            asyncio.run(_serve_and_copy(reader, plan, make_progress(args, "copy")))
         finally:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_and_copy(reader: ItemReader, plan: instant.Plan, progress: Progress) -> None:
+async def _serve_and_copy(reader: ItemReader, plan: instant.Plan,
+                          progress: Progress | None) -> None:
     server = NbdServer([Export(reader.path, reader)], reader.path)
     stop = threading.Event()
     loop = asyncio.get_running_loop()
@@ -90,9 +93,11 @@ async def _serve_and_copy(reader: ItemReader, plan: instant.Plan, progress: Prog
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.listen_unix(plan.nbd_socket)
-        await loop.run_in_executor(None, instant.run, plan, stop, progress)
+        await loop.run_in_executor(None, instant.run, plan, stop,
+                                   progress or (lambda done, total: None))
     finally:
-        progress.done()
+        if progress:
+            progress.done()
         await server.close()
         try:
             os.unlink(plan.nbd_socket)

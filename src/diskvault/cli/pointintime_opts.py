@@ -47,7 +47,7 @@ def protected_paths(repo_loc: str) -> dict[str, str]:
     }
     if repo_loc.startswith("file://"):
         out["the repository"] = repo_loc[len("file://"):]
-    elif not repo_loc.startswith(("s3:", "sftp://")):
+    elif not repo_loc.startswith(("s3:", "sftp://", "ssh://")):
         out["the repository"] = repo_loc
     return out
 
