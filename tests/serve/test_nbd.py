@@ -184,7 +184,7 @@ def test_disk_archive_exports_every_item(tmp_path: Path) -> None:
     disk = gpt_disk(tmp_path)
     repo = str(tmp_path / "repo")
     env = init_repo(repo, "none")
-    dv("disk", "backup", disk.path, f"{repo}::d", env=env)
+    dv("disk", "backup", f"{repo}::d", disk.path, env=env)
     want = dv("extract", "--stdout", f"{repo}::d", env=env).stdout
     items = dv("list", "--format", "{path}{NL}", f"{repo}::d", env=env).stdout.decode().split()
     sock = str(tmp_path / "nbd.sock")

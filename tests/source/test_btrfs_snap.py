@@ -85,7 +85,7 @@ def test_snapshot_of_directory_and_disk_backup_restore_identically(vms, tmp_path
     got = out / _arch(d)
     assert sha256_file(str(got / "vm.raw")) == sha256_file(img)
     assert os.readlink(got / "current") == "vm.raw"
-    dv("disk", "backup", "--snapshot", "btrfs", img, f"{repo}::disk", env=env)
+    dv("disk", "backup", "--snapshot", "btrfs", f"{repo}::disk", img, env=env)
     whole = dv("extract", "--stdout", f"{repo}::disk", env=env).stdout
     with open(img, "rb") as f:
         assert whole == f.read()

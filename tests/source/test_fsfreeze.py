@@ -153,7 +153,7 @@ def test_disk_backup_of_the_frozen_device_is_clean_and_skips_free_blocks(fs, tmp
         f.write(content)  # not synced: the freeze writes it out and settles the journal
     dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", mnt], capture_output=True,
                          text=True, check=True).stdout.strip()
-    r = dv("disk", "backup", "--json", "--fsfreeze", mnt, dev, f"{repo}::d", env=env)
+    r = dv("disk", "backup", "--json", "--fsfreeze", mnt, f"{repo}::d", dev, env=env)
     assert r.stderr == b""  # frozen: not "in use read-write", so no warning, exit 0
     assert b'"fs": "ext4"' in r.stdout
     out = tmp_path / "restored.img"

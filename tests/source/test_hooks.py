@@ -109,7 +109,7 @@ def test_post_runs_when_diskvault_is_killed(setup, tmp_path, sig):
 def test_existing_archive_name_stops_before_the_pre_command(setup, cmd):
     repo, env, src, log, pre, post = setup
     dv("create", f"{repo}::a", str(src), env=env)
-    args = [str(src), f"{repo}::a"] if cmd == ["disk", "backup"] else [f"{repo}::a", str(src)]
+    args = [f"{repo}::a", str(src)]
     r = dv(*cmd, "--pre-command", pre, "--post-command", post, *args, env=env, check=False)
     assert r.returncode == 2
     assert r.stderr.decode().strip().splitlines() == [
@@ -123,8 +123,8 @@ def test_disk_backup_runs_pre_and_post_around_the_read(setup):
     with open(src, "wb") as f:
         f.truncate(1 << 20)
     pre = f"echo pre >> {log} && printf suspended | dd of={src} conv=notrunc status=none"
-    r = dv("disk", "backup", "--pre-command", pre, "--post-command", post, str(src),
-           f"{repo}::d", env=env)
+    r = dv("disk", "backup", "--pre-command", pre, "--post-command", post, f"{repo}::d",
+           str(src), env=env)
     assert r.returncode == 0, r.stderr
     assert _lines(log) == ["pre", "post"]
     got = dv("extract", "--stdout", f"{repo}::d", env=env).stdout
