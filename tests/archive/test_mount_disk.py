@@ -46,7 +46,7 @@ def test_mounted_disk_archive(tmp_path: Path, disk: tuple[Path, dict[int, dict]]
     image, contents = disk
     repo = str(tmp_path / "repo")
     env = init_repo(repo)
-    dv("disk", "backup", str(image), f"{repo}::d1", env=env)
+    dv("disk", "backup", f"{repo}::d1", str(image), env=env)
     mnt = tmp_path / "mnt"
     with mounted_archive(f"{repo}::d1", mnt, env=env):
         assert sha256(mnt / "disk.img") == _stdout_sha(f"{repo}::d1", env=env)
@@ -85,7 +85,7 @@ def test_mounted_disk_archive_from_s3(tmp_path: Path, disk: tuple[Path, dict[int
     image, contents = disk
     repo = s3_server.url(f"mount-{uuid.uuid4().hex[:10]}")
     env = init_repo(repo)
-    dv("disk", "backup", str(image), f"{repo}::d1", env=env)
+    dv("disk", "backup", f"{repo}::d1", str(image), env=env)
     mnt = tmp_path / "mnt"
     with mounted_archive(f"{repo}::d1", mnt, env=env):
         assert sha256(mnt / "disk.img") == _stdout_sha(f"{repo}::d1", env=env)

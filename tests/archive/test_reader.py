@@ -168,7 +168,7 @@ def disk_archive(tmp: Path) -> tuple[str, dict, bytes]:
     disk = gpt_disk(tmp)
     repo = str(tmp / "repo")
     env = init_repo(repo, "none")
-    dv("disk", "backup", disk.path, f"{repo}::d", env=env)
+    dv("disk", "backup", f"{repo}::d", disk.path, env=env)
     want = dv("extract", "--stdout", f"{repo}::d", env=env).stdout
     assert len(want) == disk.size
     return repo, env, want
