@@ -21,6 +21,7 @@ from ..repository.manifest import ArchiveRef
 from ..repository.repo import Repository
 from ..source.content import DATA
 from .create import ARCHIVE_VERSION
+from .delta import Delta, Fingerprinter, materialize
 from .items import MAX_META_CHUNK
 from .model import Item
 
@@ -68,7 +69,7 @@ def run_check(repo: Repository, opts: CheckOptions) -> CheckReport:
     if opts.archives:
         # with --archives-only, --verify-data reads each referenced chunk instead of packs
         direct = opts.verify_data and not opts.repository
-        check_archives(repo, report, bad, opts.glob, direct)
+        check_archives(repo, report, bad, opts.glob, direct, verify_deltas=opts.verify_data)
     return report
 
 
@@ -89,8 +90,9 @@ def load_meta(repo: Repository, ref: ArchiveRef) -> dict:
 
 
 def check_archives(repo: Repository, report: CheckReport, bad: dict[bytes, str],
-                   glob: str | None = None, verify_direct: bool = False) -> None:
-    state = ChunkState(repo, bad, verify_direct)
+                   glob: str | None = None, verify_direct: bool = False,
+                   verify_deltas: bool = False) -> None:
+    state = ChunkState(repo, bad, verify_direct, verify_deltas)
     n_items = 0
     refs = select_archives(repo, glob)
     for ref in refs:
@@ -149,17 +151,39 @@ def _check_item(archive: str, item: Item, state: ChunkState, report: CheckReport
 
 
 class ChunkState:
-    """Why a data chunk cannot be restored, or None. ``verify_direct``: read it to know."""
+    """Why a data chunk cannot be restored, or None. ``verify_direct``: read it to know.
+    ``verify_deltas``: rebuild each delta extent and compare its full-content id."""
 
-    def __init__(self, repo: Repository, bad: dict[bytes, str], verify_direct: bool) -> None:
+    def __init__(self, repo: Repository, bad: dict[bytes, str], verify_direct: bool,
+                 verify_deltas: bool = False) -> None:
         self.repo, self.bad, self.verify_direct = repo, bad, verify_direct
+        self.verify_deltas = verify_deltas
         self._verified: dict[bytes, str | None] = {}
+        self._fp: Fingerprinter | None = None
 
-    def __call__(self, cid: bytes, length: int) -> str | None:
+    def delta(self, length: int, delta: Delta) -> str | None:
+        """Why a delta extent cannot be restored (its base, a patch, or the rebuilt
+        content not matching its full-content id), or None."""
+        why = self(delta.base, length)
+        for p in delta.patches:
+            why = why or self(p, None)
+        if why or not self.verify_deltas:
+            return why
+        if self._fp is None:
+            self._fp = Fingerprinter(self.repo.key.id_key)
+        try:
+            data = materialize(length, delta, self.repo.get_chunk)
+        except IntegrityError:
+            return "damaged"
+        if self._fp.full_id(self._fp.blocks(data), length) != delta.full:
+            return "damaged"
+        return None
+
+    def __call__(self, cid: bytes, length: int | None) -> str | None:
         loc = self.repo.index.get(cid)
         if loc is None:
             return "missing"
-        if cid in self.bad or loc.plain_size != length:
+        if cid in self.bad or (length is not None and loc.plain_size != length):
             return "damaged"
         if self.verify_direct:
             if cid not in self._verified:
@@ -172,11 +196,16 @@ class ChunkState:
         return None
 
 
-def damaged_ranges(item: Item, state: Callable[[bytes, int], str | None]) -> list[list]:
-    """``[[first, last, why, chunk id hex], ...]`` (inclusive byte offsets in the item)."""
+def damaged_ranges(item: Item, state: ChunkState) -> list[list]:
+    """``[[first, last, why, chunk id hex], ...]`` (inclusive byte offsets in the item);
+    a delta extent is named by its full-content id."""
     out, off = [], 0
-    for kind, length, cid in item.extents or ():
-        if kind == DATA and cid is not None:
+    for kind, length, cid, delta in item.extents.records() if item.extents else ():
+        if delta is not None:
+            why = state.delta(length, delta)
+            if why:
+                out.append([off, off + length - 1, why, delta.full.hex()])
+        elif kind == DATA and cid is not None:
             why = state(cid, length)
             if why:
                 out.append([off, off + length - 1, why, cid.hex()])

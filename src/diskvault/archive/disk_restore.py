@@ -32,7 +32,7 @@ from ..source.partitions import (
 )
 from ..source.reader import FileRangeReader
 from .extract import Damage, FileSink, _pwrite_all, iter_pieces
-from .model import Item
+from .model import DELTA, Item
 from .view import ArchiveView
 
 BLKRRPART = 0x125F  # _IO(0x12, 95): ask the kernel to re-read the partition table
@@ -282,6 +282,7 @@ def _kinds(item: Item) -> dict[int, int]:
     out = {DATA: 0, ZERO: 0, UNUSED: 0}
     assert item.extents is not None
     for kind, n, _ in item.extents:
+        kind = DATA if kind == DELTA else kind  # a delta restores as data
         out[kind] = out.get(kind, 0) + n
     return out
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..errors import IntegrityError, ObjectMissing, TargetError
 from ..repository.repo import Repository
-from ..source.content import ZERO
+from ..source.content import DATA, ZERO
+from .delta import combine
 from .model import Item
 
 ZERO_BUF = bytes(4 << 20)
@@ -71,7 +72,7 @@ def damage_lines(damage: list[Damage]) -> list[str]:
         "was restored"]
 
 
-_Pending = tuple[Item, int, int, int, "bytes | None", "Future | None"]
+_Pending = tuple[Item, int, int, int, "bytes | None", "list[Future]"]
 
 
 def iter_pieces(repo: Repository, items: Iterable[Item], workers: int = 2,
@@ -79,7 +80,9 @@ def iter_pieces(repo: Repository, items: Iterable[Item], workers: int = 2,
     """Yield the content of ``items`` in order, with chunks fetched ahead in parallel.
 
     With a ``damage`` list, a chunk that cannot be read becomes a zero piece and is
-    recorded there; without, it raises IntegrityError naming the range.
+    recorded there; without, it raises IntegrityError naming the range. A delta extent's
+    base and patches are fetched in parallel like any chunks and combined
+    (delta.combine) when its turn comes; its piece is a data piece.
     """
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fetch")
     queue: deque[_Pending] = deque()
@@ -88,28 +91,32 @@ def iter_pieces(repo: Repository, items: Iterable[Item], workers: int = 2,
             if item.extents is None:
                 continue
             off = 0
-            for kind, length, cid in item.extents:
-                fut = pool.submit(repo.get_chunk, cid) if cid is not None else None
-                queue.append((item, off, kind, length, cid, fut))
+            for kind, length, cid, delta in item.extents.records():
+                ids = delta.chunk_ids() if delta is not None else [cid] if cid else []
+                futs = [pool.submit(repo.get_chunk, c) for c in ids]
+                if delta is not None:  # named by its full-content id in damage reports
+                    kind, cid = DATA, delta.full
+                queue.append((item, off, kind, length, cid, futs))
                 off += length
-                while len(queue) > prefetch or (queue and queue[0][5] is None):
+                while len(queue) > prefetch or (queue and not queue[0][5]):
                     yield _resolve(*queue.popleft(), damage)
         while queue:
             yield _resolve(*queue.popleft(), damage)
     finally:
-        for *_, fut in queue:
-            if fut is not None:
+        for *_, futs in queue:
+            for fut in futs:
                 fut.cancel()
         pool.shutdown(wait=True)
 
 
 def _resolve(item: Item, off: int, kind: int, length: int, cid: bytes | None,
-             fut: Future | None, damage: list[Damage] | None) -> Piece:
-    if fut is None:
+             futs: list[Future], damage: list[Damage] | None) -> Piece:
+    if not futs:
         return Piece(item, off, kind, length, None)
     last = off + length - 1
     try:
-        data = fut.result()
+        parts = [f.result() for f in futs]
+        data = parts[0] if len(parts) == 1 else combine(length, parts[0], parts[1:])
         if len(data) != length:
             raise IntegrityError("chunk size mismatch")
     except (ObjectMissing, IntegrityError) as e:

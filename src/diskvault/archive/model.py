@@ -3,8 +3,8 @@
 An item is a file, a directory entry, a device read as a file, a stdin stream, or a
 region of a disk. Content items carry **extents**: runs of
 ``data`` (one chunk id), ``zero`` (all-zero: never hashed or stored) and ``unused``
-(free space of the filesystem on it: never read). A later ``delta`` kind (a chunk that
-differs from the parent archive's chunk at the same offset in a few blocks) gets kind 3.
+(free space of the filesystem on it: never read) and ``delta`` (kind 3, format version 2:
+a base chunk + patches of changed blocks + a full-content id; see delta.py).
 
 Extents are kept packed (``kind u8 | length u64 [| id 32]`` each): 41 bytes per data
 chunk and 9 per run of zeros, in memory and in the repository.
@@ -30,10 +30,14 @@ from ..source.paths import (  # noqa: F401 - the entry types are part of the mod
     SYMLINK,
     Meta,
 )
+from .delta import Delta
 
-KIND_NAMES = {DATA: "data", ZERO: "zero", UNUSED: "unused"}
+DELTA = 3
+KIND_NAMES = {DATA: "data", ZERO: "zero", UNUSED: "unused", DELTA: "delta"}
 _EXT = struct.Struct("<BQ")
 ID_LEN = 32
+# one extent: (kind, length, chunk id of a data extent, Delta of a delta extent)
+Record = tuple[int, int, "bytes | None", "Delta | None"]
 
 
 class Extents:
@@ -46,8 +50,17 @@ class Extents:
         self._last_kind = -1
         self._last_pos = -1
 
-    def append(self, kind: int, length: int, chunk_id: bytes | None = None) -> None:
+    def append(self, kind: int, length: int, chunk_id: bytes | None = None,
+               delta: Delta | None = None) -> None:
         if length <= 0:
+            return
+        if kind == DELTA:
+            assert delta is not None and 1 <= len(delta.patches) <= 255
+            self._last_kind, self._last_pos = kind, len(self.buf)
+            self.buf += _EXT.pack(kind, length) + delta.base + bytes([len(delta.patches)])
+            spans = delta.spans or (1,) * len(delta.patches)
+            assert len(spans) == len(delta.patches)
+            self.buf += b"".join(delta.patches) + bytes(min(255, x) for x in spans) + delta.full
             return
         if kind != DATA and kind == self._last_kind:
             _, n = _EXT.unpack_from(self.buf, self._last_pos)
@@ -60,7 +73,13 @@ class Extents:
             self.buf += chunk_id
 
     def __iter__(self) -> Iterator[tuple[int, int, bytes | None]]:
-        """Yield ``(kind, length, chunk_id or None)``; raises IntegrityError if malformed."""
+        """Yield ``(kind, length, chunk_id or None)``; a delta extent yields its full-content
+        id (use ``records()`` to see its chunks). Raises IntegrityError if malformed."""
+        for kind, length, cid, delta in self.records():
+            yield kind, length, delta.full if delta is not None else cid
+
+    def records(self) -> Iterator[Record]:
+        """Yield ``(kind, length, chunk id or None, Delta or None)``."""
         mv, pos, end = memoryview(self.buf), 0, len(self.buf)
         while pos < end:
             if pos + _EXT.size > end:
@@ -70,10 +89,24 @@ class Extents:
             if kind == DATA:
                 if pos + ID_LEN > end:
                     raise IntegrityError("extent list is truncated")
-                yield kind, length, bytes(mv[pos : pos + ID_LEN])
+                yield kind, length, bytes(mv[pos : pos + ID_LEN]), None
                 pos += ID_LEN
+            elif kind == DELTA:
+                n = mv[pos + ID_LEN] if pos + ID_LEN < end else 0
+                need = ID_LEN + 1 + n * ID_LEN + n + ID_LEN
+                if not 1 <= n <= 255 or pos + need > end:
+                    raise IntegrityError("extent list is truncated or has a bad delta extent")
+                base = bytes(mv[pos : pos + ID_LEN])
+                q = pos + ID_LEN + 1
+                patches = tuple(bytes(mv[q + k * ID_LEN : q + (k + 1) * ID_LEN])
+                                for k in range(n))
+                q += n * ID_LEN
+                spans = tuple(mv[q : q + n])
+                full = bytes(mv[q + n : q + n + ID_LEN])
+                yield kind, length, None, Delta(base, patches, full, spans)
+                pos += need
             elif kind in (ZERO, UNUSED):
-                yield kind, length, None
+                yield kind, length, None, None
             else:
                 raise IntegrityError(f"extent list has unknown kind {kind}")
 
@@ -81,7 +114,15 @@ class Extents:
         return sum(n for _, n, _ in self)
 
     def num_chunks(self) -> int:
-        return sum(1 for k, _, _ in self if k == DATA)
+        return sum(1 for k, _, _ in self if k in (DATA, DELTA))
+
+    def chunk_ids(self) -> Iterator[bytes]:
+        """Every chunk id the content needs: data chunks, delta bases and patches."""
+        for kind, _, cid, delta in self.records():
+            if delta is not None:
+                yield from delta.chunk_ids()
+            elif kind == DATA and cid is not None:
+                yield cid
 
     def __bytes__(self) -> bytes:
         return bytes(self.buf)
@@ -101,6 +142,7 @@ class Item(Meta):
     partition: int | None = None  # partition number (whole-disk archives)
     stats: dict | None = None  # read/zero/unused/dedup bytes of this item at creation
     health: dict | None = None  # set by check --repair: damaged ranges
+    fingerprints: list[bytes] | None = None  # chunks of 4 KiB block fingerprints (delta.py)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -120,6 +162,10 @@ class Item(Meta):
                 if not isinstance(kw["extents"], bytes):  # bytearray(<int>) would allocate it
                     raise TypeError("extents")
                 kw["extents"] = Extents(kw["extents"])
+            fps = kw.get("fingerprints")
+            if fps is not None and not (isinstance(fps, list) and all(
+                    isinstance(c, bytes) and len(c) == ID_LEN for c in fps)):
+                raise TypeError("fingerprints")
             item = cls(**kw)
         except Exception:  # noqa: BLE001 - malformed metadata is one integrity error
             raise IntegrityError("archive item is malformed") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from ..source.pointintime import PointInTime, walk_at
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .options import add_archive_options, create_options, make_progress
 from .output import report_archive
+from .parent_opts import add_parent_options, apply_parent_options
 from .pointintime_opts import (
     add_point_in_time,
     point_in_time_options,
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="files and devices holding a known filesystem (ext2/3/4, NTFS, FAT, "
                    "XFS, swap...): do not read or store its free blocks (restored as zeros)")
     add_archive_options(p)
+    add_parent_options(p)
     add_point_in_time(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("paths", nargs="*", metavar="PATH")
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     pit = None
     warnings: list[str] = []
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
+        refuse_taken_name(repo, name)  # before the parent is loaded or a byte is read
+        apply_parent_options(args, repo, opts, _source_id(args))
         with contextlib.ExitStack() as stack:
             if pit_opts.active:
                 # a taken name must stop us before the pre-command (without one,
@@ -89,6 +94,14 @@ def _warn(sources: Iterator[Source], warnings: list[str]) -> Iterator[Source]:
             sys.stderr.write(f"diskvault: warning: {src.warning}\n")
             warnings.append(src.warning)
         yield src
+
+
+def _source_id(args: argparse.Namespace) -> list[str]:
+    """What this archive backs up, to find its default parent: the absolute paths."""
+    if args.content_from_command:
+        return ["command:" + " ".join(args.paths)]
+    return sorted(f"stdin:{args.stdin_name}" if p == "-" else os.path.abspath(p)
+                  for p in args.paths)
 
 
 def _sources(args: argparse.Namespace, pit: PointInTime | None) -> Iterator[Source]:

@@ -21,6 +21,7 @@ from .common import WRITE, add_common, expand_placeholders, open_repo, split_loc
 from .info_cmd import format_disk_items
 from .options import add_archive_options, create_options, make_progress
 from .output import report_archive
+from .parent_opts import add_parent_options, apply_parent_options
 from .pointintime_opts import (
     add_point_in_time,
     point_in_time_options,
@@ -46,6 +47,7 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
                    help="store unallocated space after the first partition too (default: "
                    "gaps larger than 1 MiB are not stored and restore as zeros)")
     add_archive_options(p, stats_help="print statistics, per partition too")
+    add_parent_options(p)
     add_point_in_time(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("device", nargs="?", metavar="DEVICE|IMAGE")
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                                    keep_unpartitioned=args.keep_unpartitioned)
                 for w in plan.warnings:  # before the long read, so the user can still stop it
                     sys.stderr.write(f"diskvault: warning: {w}\n")
+                apply_parent_options(args, repo, opts, _source_id(plan.disk_meta()),
+                                     plan.source.size)
                 result = backup_disk(repo, name, plan, opts)
             finally:
                 src.close()
@@ -119,3 +123,12 @@ def run(args: argparse.Namespace) -> int:
         raise Warning_(f"{len(result.warnings)} warning(s): the backup of {path} is not "
                        "crash-consistent")
     return 0
+
+
+def _source_id(disk: dict) -> dict:
+    """The disk's identity, to find its default parent: serial/WWID, else the table's
+    disk GUID or id, else (an image without either) its path and size."""
+    for key in ("serial", "wwid", "disk_id"):
+        if disk.get(key):
+            return {key: disk[key]}
+    return {"path": disk["path"], "size": disk["size"]}

@@ -68,6 +68,12 @@ def stats_lines(meta: dict, archive_id: str | None) -> list[str]:
         f"{fmt_size(s.get('new_plain', 0))} → {fmt_size(s.get('new_stored', 0))} "
         "compressed and encrypted",
     ]
+    if meta.get("parent"):
+        lines.append(f"Parent: {meta['parent']}; stored as deltas: {fmt_size(s.get('delta', 0))}"
+                     f" of windows, {s.get('delta_blocks', 0)} changed 4 KiB blocks; taken from "
+                     f"the parent unread: {fmt_size(s.get('parent', 0))}")
+    if s.get("fingerprints"):
+        lines.append(f"Block fingerprints stored: {fmt_size(s['fingerprints'])}")
     return lines
 
 

@@ -13,6 +13,10 @@ against the repository on every open, never trusted blindly:
   cached index points into is gone (``compact``, ``check --repair``), the index is
   rebuilt from scratch: the first location of a chunk wins in a merged index, so
   after removals only a fresh merge says where a chunk still is.
+- ``fingerprints/<chunk id>``: the sealed chunks of the block-fingerprint streams of
+  the newest archive of each source this host backed up (archive/delta.py), so the next
+  backup compares blocks without a download; authenticated on use like any chunk.
+  Remote stores only.
 - ``archives/<id>``: sealed archive metadata blobs exactly as stored (immutable, named
   by a random id), so reading them from the cache still authenticates them. Only for
   remote stores: a local directory is read as fast as the cache, and then ``list`` and
@@ -172,6 +176,30 @@ class RepoCache:
         blob = store.load(f"archives/{archive_id.hex()}")
         _write_atomic(path, blob)
         return blob
+
+    # --- block fingerprints ------------------------------------------------------------
+
+    def fp_blob(self, store: Store, chunk_id: bytes) -> bytes | None:
+        if not (self.enabled and store.remote):
+            return None
+        try:
+            with open(os.path.join(self.dir, "fingerprints", chunk_id.hex()), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def keep_fp_blob(self, store: Store, chunk_id: bytes, blob: bytes) -> None:
+        if self.enabled and store.remote:
+            _write_atomic(os.path.join(self.dir, "fingerprints", chunk_id.hex()), blob)
+
+    def drop_fp_blobs(self, ids: set[bytes]) -> None:
+        """Forget fingerprint chunks a newer archive superseded: the cache holds about one
+        fingerprint stream per backed-up source."""
+        for i in ids:
+            try:
+                os.unlink(os.path.join(self.dir, "fingerprints", i.hex()))
+            except OSError:
+                pass
 
     def forget_archive(self, archive_id: bytes) -> None:
         """Drop one cached blob (it failed to authenticate: read the repository's)."""

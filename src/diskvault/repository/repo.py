@@ -503,6 +503,22 @@ class Repository:
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]}: pack {loc.pack[:16]} is truncated")
         return self.codec.open_chunk(chunk_id, blob)
 
+    def get_cached_chunk(self, chunk_id: bytes) -> bytes:
+        """A chunk kept in the local cache (block fingerprints), else ``get_chunk``."""
+        blob = self.cache.fp_blob(self.store, chunk_id)
+        if blob is not None:
+            try:
+                return self.codec.open_chunk(chunk_id, blob)
+            except IntegrityError:
+                pass  # a damaged local copy: the repository's is the truth
+        loc = self.index.get(chunk_id)
+        if loc is None:
+            raise ObjectMissing(f"chunk {chunk_id.hex()[:16]}")
+        blob = self.store.load(pack_key(loc.pack), loc.offset, loc.length)
+        data = self.codec.open_chunk(chunk_id, blob)
+        self.cache.keep_fp_blob(self.store, chunk_id, blob)
+        return data
+
     def writer(self, upload_threads: int | None = None) -> ChunkWriter:
         from .writer import ChunkWriter
 
