@@ -300,18 +300,17 @@ def test_sigkill_during_a_delta_backup_loses_nothing_committed(tmp_path):
 def test_disk_backup_deltas_and_changed_extents_in_disk_offsets(tmp_path, repo):
     img = str(tmp_path / "disk.img")
     make_image(img, 40 * MiB, 40 * MiB, seed=13)  # every byte random, the table over it
-    subprocess.run(["sfdisk", "-q", img], input=b"label: gpt\n,16MiB\n,16MiB\n", check=True)
+    subprocess.run(["sfdisk", "-q", img], input=b"label: gpt\n,16MiB\n,\n", check=True)
     dv("disk", "backup", img, f"{repo}::d1")
     old = read(img)
     rng = random.Random(14)
-    p2 = None
     out = json.loads(subprocess.run(["sfdisk", "--json", img], capture_output=True,
                                     check=True).stdout)["partitiontable"]["partitions"]
-    p2 = out[1]["start"] * 512
+    p2, p2_size = out[1]["start"] * 512, out[1]["size"] * 512
     extents = []
     with open(img, "r+b") as f:
         for _ in range(30):  # scattered blocks inside partition 2
-            at = p2 + rng.randrange(0, (16 * MiB) // BLOCK) * BLOCK
+            at = p2 + rng.randrange(0, p2_size // BLOCK) * BLOCK
             f.seek(at)
             f.write(rng.randbytes(BLOCK))
             extents.append([at, BLOCK])
