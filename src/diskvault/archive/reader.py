@@ -12,8 +12,9 @@ the rest of the item stays readable, and no read ever returns wrong bytes.
 The repository is seen through ``ArchiveSource``, a read-only role (chunks by id, archive
 metadata) that ``Repository`` satisfies; callers open it under a shared lock.
 
-One extent becomes bytes in exactly one place, ``_materialise``: a new extent kind (the
-``delta`` kind: a base chunk with a patch applied) is added there and in ``KIND_NAMES``.
+One extent becomes bytes in exactly one place, ``_materialise``; a ``delta`` extent (a
+base chunk with patches applied) goes through ``delta.materialize``, the function restore
+uses too, with its base and patches taken from the same chunk cache.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ..errors import IntegrityError, StorageError, UsageError
 from ..repository.manifest import ArchiveRef
 from ..source.content import DATA, UNUSED, ZERO
 from ..source.paths import FILE
-from .model import Item
+from .delta import Delta, materialize
+from .model import DELTA, Item
 
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_READAHEAD_BYTES = 16 << 20
@@ -172,12 +174,14 @@ class ItemReader:
         self.path = item.path
         self.cache = cache
         self.readahead = min(readahead, cache.capacity // 4)
-        starts, kinds, refs = [], [], []
+        starts: list[int] = []
+        kinds: list[int] = []
+        refs: list[bytes | Delta | None] = []
         pos = 0
-        for kind, length, ref in item.extents:
+        for kind, length, cid, delta in item.extents.records():
             starts.append(pos)
             kinds.append(kind)
-            refs.append(ref)
+            refs.append(delta if delta is not None else cid)
             pos += length
         if pos != item.size:
             raise IntegrityError(f"{item.path}: extents cover {pos} bytes, the item has "
@@ -234,7 +238,10 @@ class ItemReader:
             return True
         for i in range(self._index(offset), self._index(end - 1) + 1):
             ref = self._refs[i]
-            if self._kinds[i] != DATA or ref is None:
+            if isinstance(ref, Delta):
+                if not all(self.cache.has(c) for c in ref.chunk_ids()):
+                    return False
+            elif self._kinds[i] != DATA or ref is None:
                 if self._kinds[i] not in (ZERO, UNUSED):
                     return False
             elif not self.cache.has(ref):
@@ -246,6 +253,10 @@ class ItemReader:
 
     def _start(self, i: int) -> Future[bytes] | None:
         kind, ref = self._kinds[i], self._refs[i]
+        if isinstance(ref, Delta):  # base and patches fetched in parallel, combined later
+            for c in ref.chunk_ids():
+                self.cache.prefetch(c)
+            return None
         if kind == DATA and ref is not None:
             return self.cache.submit(ref)
         return None
@@ -263,10 +274,14 @@ class ItemReader:
         if kind in (ZERO, UNUSED):
             return None
         s, e = self._starts[i], self._ends[i]
-        if kind != DATA or ref is None:
+        if not (kind == DATA and isinstance(ref, bytes) or kind == DELTA
+                and isinstance(ref, Delta)):
             raise IntegrityError(f"{self.path}: bytes {s}-{e - 1}: unknown extent kind {kind}")
         try:
-            data = fut.result() if fut is not None else self.cache.get(ref)
+            if isinstance(ref, Delta):
+                data = materialize(e - s, ref, self.cache.get)
+            else:
+                data = fut.result() if fut is not None else self.cache.get(ref)
         except IntegrityError as err:  # ObjectMissing is one too
             raise IntegrityError(f"{self.path}: bytes {s}-{e - 1} cannot be read: {err}") \
                 from None
@@ -296,7 +311,10 @@ class ItemReader:
         target = min(self.size, end + self.readahead)
         for i in range(last + 1, self._index(target - 1) + 1):
             ref = self._refs[i]
-            if self._kinds[i] == DATA and ref is not None:
+            if isinstance(ref, Delta):
+                for c in ref.chunk_ids():
+                    self.cache.prefetch(c)
+            elif self._kinds[i] == DATA and ref is not None:
                 self.cache.prefetch(ref)
 
 
