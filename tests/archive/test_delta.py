@@ -301,7 +301,7 @@ def test_disk_backup_deltas_and_changed_extents_in_disk_offsets(tmp_path, repo):
     img = str(tmp_path / "disk.img")
     make_image(img, 40 * MiB, 40 * MiB, seed=13)  # every byte random, the table over it
     subprocess.run(["sfdisk", "-q", img], input=b"label: gpt\n,16MiB\n,\n", check=True)
-    dv("disk", "backup", img, f"{repo}::d1")
+    dv("disk", "backup", f"{repo}::d1", img)
     old = read(img)
     rng = random.Random(14)
     out = json.loads(subprocess.run(["sfdisk", "--json", img], capture_output=True,
@@ -315,13 +315,13 @@ def test_disk_backup_deltas_and_changed_extents_in_disk_offsets(tmp_path, repo):
             f.write(rng.randbytes(BLOCK))
             extents.append([at, BLOCK])
     new = read(img)
-    j = json.loads(dv("disk", "backup", "--json", img, f"{repo}::d2").stdout)
+    j = json.loads(dv("disk", "backup", "--json", f"{repo}::d2", img).stdout)
     assert j["archive"]["stats"]["delta_blocks"] == changed_bytes(old, new) // BLOCK
     assert restored(repo, "d2") == new
     listing = tmp_path / "changed.json"
     listing.write_text(json.dumps({"size": 40 * MiB, "parent": "d1", "extents": extents}))
     j = json.loads(dv("disk", "backup", "--json", "--parent", "d1", "--changed-extents",
-                      str(listing), img, f"{repo}::d3").stdout)
+                      str(listing), f"{repo}::d3", img).stdout)
     assert j["archive"]["stats"]["read"] == len({e[0] for e in extents}) * BLOCK
     assert restored(repo, "d3") == new
     target = str(tmp_path / "restored.img")
