@@ -12,6 +12,20 @@ from dv_entry import WEAK_KDF
 pytest_plugins = ["storage.servers"]
 
 
+def pytest_configure(config):
+    """Session-wide isolation too: module- and session-scoped fixtures run before the
+    per-test fixture below, and must not touch the real ~/.config or ~/.cache (a
+    security entry left there by one run would make a later run with the same seeded
+    repository ids see a "rollback")."""
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="diskvault-tests-home-")
+    os.environ["HOME"] = base
+    os.environ["DISKVAULT_KEYS_DIR"] = os.path.join(base, "keys")
+    os.environ["DISKVAULT_CACHE_DIR"] = os.path.join(base, "cache")
+    os.environ["DISKVAULT_SECURITY_DIR"] = os.path.join(base, "security")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` (long sweeps, extra guest boots) run only when asked for:
     ``-m slow`` or ``DISKVAULT_SLOW=1``; CI runs the rest."""
