@@ -45,6 +45,7 @@ from ..source.partitions import (
     parse_table,
 )
 from ..source.paths import FILE, filesystem_map, mounted_note, writable_mounts
+from ..source.qemu import ImageExport, guest_format
 from ..source.reader import FileRangeReader
 from .create import ArchiveBuilder, CreateOptions, CreateStats, refuse_taken_name
 from .model import Item
@@ -70,11 +71,30 @@ class DiskSource:
     is_device: bool
     sector_size: int | None  # known for devices; images: found from the table
     identity: dict = field(default_factory=dict)  # serial, model, wwid (devices)
+    export: ImageExport | None = None  # a VM image read through QEMU (its guest disk)
 
     @classmethod
-    def open(cls, path: str) -> DiskSource:
+    def open(cls, path: str, image_format: str | None = None) -> DiskSource:
+        """Open a device or an image; a VM image (qcow2, vmdk, ...) is opened as the
+        guest sees its disk (``image_format`` forces a format; "raw" reads the file's
+        own bytes)."""
+        fmt = guest_format(path, image_format)
+        if fmt is None:
+            return cls._open(path, path)
+        export = ImageExport(path, fmt).start()
         try:
-            fd = os.open(path, os.O_RDONLY)
+            src = cls._open(export.path, path)
+        except BaseException:
+            export.close()
+            raise
+        src.export = export
+        src.identity = {"image_format": fmt, "image": os.path.abspath(path)}
+        return src
+
+    @classmethod
+    def _open(cls, read_path: str, path: str) -> DiskSource:
+        try:
+            fd = os.open(read_path, os.O_RDONLY)
         except OSError as e:
             raise SourceError(f"{path}: cannot open: {e.strerror}") from None
         try:
@@ -106,6 +126,8 @@ class DiskSource:
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.export is not None:
+            self.export.close()
 
 
 def _sector_size(fd: int) -> int | None:

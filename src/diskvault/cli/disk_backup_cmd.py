@@ -41,6 +41,9 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.add_argument("--serial", metavar="SERIAL",
                    help="the disk with this serial (or WWID; see `diskvault disk list`)")
+    p.add_argument("--image-format", metavar="FMT",
+                   help="read IMAGE as this format (qcow2, vmdk, vhdx, ...; raw = the file's "
+                   "own bytes); default: VM images are detected and read as the guest's disk")
     p.add_argument("--no-skip-unused", dest="skip_unused", action="store_false",
                    help="read and store free filesystem blocks too (default: skip them)")
     p.add_argument("--keep-unpartitioned", action="store_true",
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 pit = stack.enter_context(
                     PointInTime(pit_opts, [path], protected_paths(repo_loc)))
                 opts.before_commit = pit.check
-            src = DiskSource.open(pit.path(path) if pit else path)
+            src = DiskSource.open(pit.path(path) if pit else path, args.image_format)
             src.path = path  # the archive names the disk, not its snapshot
             try:
                 plan = plan_backup(src, skip_unused=args.skip_unused,

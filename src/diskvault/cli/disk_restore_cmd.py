@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..archive.disk_restore import DiskArchive, describe, execute, plan_restore
+from ..archive.disk_restore import DiskArchive, describe, execute
 from ..archive.extract import Damage, damage_lines
+from ..archive.image_target import restore_target
 from ..archive.view import ArchiveView
 from .common import READ, add_common, open_repo, report_warnings, split_location
 from .options import add_progress, make_progress
@@ -33,6 +34,9 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--continue-on-error", action="store_true",
                    help="restore past unreadable chunks: zeros there, every damaged range "
                    "listed, exit code 1")
+    p.add_argument("--image-format", metavar="FMT",
+                   help="write TARGET as a VM image of this format (raw, qcow2, vmdk, vhdx, "
+                   "vdi); default: by its extension (.qcow2 ...), else raw")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     add_progress(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
@@ -44,16 +48,17 @@ def run(args: argparse.Namespace) -> int:
     repo_loc, name = split_location(args.location, need_archive=True)
     with open_repo(repo_loc, READ, args.lock_wait) as repo:
         arch = DiskArchive.from_view(ArchiveView.open(repo, name or ""))
-        plan = plan_restore(repo, arch, args.target, args.partition, args.force)
-        if args.dry_run:
-            print("\n".join(describe(plan, fmt_size)))
-            print("Nothing written (--dry-run).")
-            return 0
-        progress = make_progress(args, "disk restore")
-        damage: list[Damage] | None = [] if args.continue_on_error else None
-        result = execute(repo, plan, args.workers, progress, damage)
-        if progress:
-            progress.done()
+        with restore_target(repo, arch, args.target, args.partition, args.force,
+                            args.image_format, args.dry_run) as plan:
+            if args.dry_run:
+                print("\n".join(describe(plan, fmt_size)))
+                print("Nothing written (--dry-run).")
+                return 0
+            progress = make_progress(args, "disk restore")
+            damage: list[Damage] | None = [] if args.continue_on_error else None
+            result = execute(repo, plan, args.workers, progress, damage)
+            if progress:
+                progress.done()
     if args.progress:
         sys.stderr.write(f"restored {fmt_size(plan.size)} onto {args.target}: "
                          f"{fmt_size(result.written)} written, {fmt_size(result.blank)} "
