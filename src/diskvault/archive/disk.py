@@ -245,9 +245,10 @@ class DiskBackupResult:
     warnings: list[str]
 
 
-def backup_disk(repo: Repository, name: str, plan: DiskPlan, opts: CreateOptions
-                ) -> DiskBackupResult:
-    """Store every planned item in disk order and commit the archive (unless dry-run)."""
+def backup_disk(repo: Repository, name: str, plan: DiskPlan, opts: CreateOptions,
+                extra: dict | None = None) -> DiskBackupResult:
+    """Store every planned item in disk order and commit the archive (unless dry-run);
+    ``extra``: more archive metadata (``vm``)."""
     refuse_taken_name(repo, name)
     b = ArchiveBuilder(repo, opts)
     b.total = plan.source.size
@@ -259,7 +260,7 @@ def backup_disk(repo: Repository, name: str, plan: DiskPlan, opts: CreateOptions
             assert item.stats is not None
             item.stats["stored"] = b.stats.new_stored - before_stored
             item.stats["new"] = b.stats.new_plain - before_plain
-        meta = b.commit(name, {"disk": plan.disk_meta()})
+        meta = b.commit(name, {"disk": plan.disk_meta(), **(extra or {})})
     finally:
         b.close()
     return DiskBackupResult(meta, b.stats, [p.item for p in plan.items], plan.warnings)

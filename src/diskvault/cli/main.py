@@ -36,13 +36,14 @@ from . import (
     rename_cmd,
     serve_nbd_cmd,
     umount_cmd,
+    vm_cmd,
 )
 
 # one module per command, in the order `--help` lists them
 COMMANDS = [
     init_cmd, create_cmd, extract_cmd, list_cmd, info_cmd, delete_cmd, rename_cmd,
-    disk_cmd, check_cmd, prune_cmd, compact_cmd, key_cmd, lock_cmd, config_cmd, serve_nbd_cmd,
-    instant_restore_cmd, mount_cmd, umount_cmd,
+    disk_cmd, vm_cmd, check_cmd, prune_cmd, compact_cmd, key_cmd, lock_cmd, config_cmd,
+    serve_nbd_cmd, instant_restore_cmd, mount_cmd, umount_cmd,
 ]
 
 

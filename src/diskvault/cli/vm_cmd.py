@@ -1,0 +1,90 @@
+"""diskvault vm backup --qmp SOCKET [--drive NAME ...] REPO::ARCHIVE
+
+Backs up a running QEMU/KVM guest's disks at one point in time, while it runs; from the
+second backup on only the blocks QEMU's dirty bitmaps mark are read (archive/vm.py,
+source/vm.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..archive.create import CreateOptions
+from ..archive.vm import VmBackupResult, backup_vm
+from ..repository.compression import Compression
+from ..source.qmp import QmpClient
+from .common import (
+    WRITE,
+    Progress,
+    add_common,
+    expand_placeholders,
+    fmt_size,
+    open_repo,
+    split_location,
+)
+from .create_cmd import print_stats
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("vm", help="back up running QEMU/KVM virtual machines",
+                            description="Virtual machine commands.")
+    subparsers = parser.add_subparsers(dest="vm_command", metavar="SUBCOMMAND",
+                                       parser_class=type(parser))
+    subparsers.required = True
+    p = subparsers.add_parser(
+        "backup", help="back up a running QEMU guest's disks at one point in time",
+        description="Back up the disks of a running QEMU guest through its QMP socket, "
+        "all at one point in time, while the guest keeps running (QEMU image fleecing). "
+        "Each disk becomes a disk archive (NAME, or NAME.DRIVE when several disks are "
+        "backed up). The first backup reads each disk's used blocks; later ones read only "
+        "what QEMU's dirty bitmap marks and take the rest from the previous archive.")
+    add_common(p)
+    p.add_argument("--qmp", required=True, metavar="SOCKET",
+                   help="the VM's QMP socket (qemu -qmp unix:SOCKET,server=on,wait=off)")
+    p.add_argument("--drive", action="append", metavar="NAME",
+                   help="back up only this disk (device id or node name); repeatable")
+    p.add_argument("-C", "--compression", type=Compression.parse,
+                   default=Compression.parse("lz4"), metavar="SPEC",
+                   help="none, lz4 (default), zstd[,L], auto,C[,L]")
+    p.add_argument("--comment", default="")
+    p.add_argument("-p", "--progress", action="store_true")
+    p.add_argument("-s", "--stats", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("location", metavar="REPO::ARCHIVE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    repo_loc, archive = split_location(args.location, need_archive=True)
+    name = expand_placeholders(archive or "")
+    progress = Progress(args.progress, "") if args.progress else None
+    opts = CreateOptions(compression=args.compression, comment=args.comment,
+                         progress=progress)
+
+    def note(msg: str) -> None:
+        sys.stderr.write(f"diskvault: note: {msg}\n")
+
+    with QmpClient(args.qmp) as q, open_repo(repo_loc, WRITE, args.lock_wait) as repo:
+        result = backup_vm(repo, q, args.qmp, name, opts, args.drive, note=note)
+    if progress:
+        progress.done()
+    _report(args, result)
+    return 0
+
+
+def _report(args: argparse.Namespace, r: VmBackupResult) -> None:
+    if args.json:
+        print(json.dumps({"vm": r.vm, "archives": [{
+            "name": d.archive, "drive": d.drive, "mode": d.mode, "reason": d.reason,
+            "size": d.size, "dirty": d.dirty, "stats": d.result.stats.to_dict()}
+            for d in r.drives]}, indent=2))
+        return
+    for d in r.drives:
+        how = (f"incremental: {fmt_size(d.dirty)} marked dirty" if d.mode == "incremental"
+               else f"full read ({d.reason})" if d.reason else "full read")
+        sys.stderr.write(f"diskvault: {d.drive} → {d.archive}: {how}; read "
+                         f"{fmt_size(d.result.stats.read)} of {fmt_size(d.size)}\n")
+        if args.stats:
+            print_stats(d.archive, d.result.stats, sys.stdout)

@@ -1,0 +1,105 @@
+"""A small client of the QEMU Machine Protocol (QMP) and the guest agent protocol.
+
+Both are JSON over a Unix socket: QMP greets, wants ``qmp_capabilities``, then answers
+each ``{"execute": ...}`` with ``{"return": ...}`` or ``{"error": ...}`` and sends
+asynchronous ``{"event": ...}`` lines in between (kept in ``events``). The guest agent
+(qemu-ga) sends no greeting and no events; a ``guest-sync`` with a random id skips
+whatever a previous, interrupted client left in the channel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from ..errors import SourceError
+
+
+class QmpError(SourceError):
+    """QEMU refused a command; the message names it and QEMU's reason."""
+
+
+class QmpClient:
+    def __init__(self, path: str, timeout: float = 60.0, agent: bool = False) -> None:
+        self.path = path
+        self.events: list[dict] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        what = "guest agent" if agent else "QMP"
+        try:
+            self._sock.connect(path)
+        except OSError as e:
+            self._sock.close()
+            raise SourceError(f"{path}: cannot connect to the {what} socket: "
+                              f"{e.strerror or e}") from None
+        self._buf = b""
+        try:
+            if agent:
+                token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+                self._sock.sendall(b"\xff")  # flush a half-sent command of an earlier client
+                if self.execute("guest-sync-delimited", id=token) != token:
+                    raise SourceError(f"{path}: the guest agent answered out of turn")
+            else:
+                greeting = self._read()
+                if "QMP" not in greeting:
+                    raise SourceError(f"{path}: not a QMP socket")
+                self.execute("qmp_capabilities")
+        except TimeoutError:
+            self.close()
+            raise SourceError(f"{path}: the {what} did not answer") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> dict:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line, self._buf = self._buf[:nl], self._buf[nl + 1 :]
+                line = line.lstrip(b"\xff")  # the agent's sync delimiter
+                if not line.strip():
+                    continue
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    raise SourceError(f"{self.path}: garbled answer from QEMU") from None
+                if isinstance(msg, dict):
+                    return msg
+                continue
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise SourceError(f"{self.path}: QEMU did not answer in time") from None
+            if not data:
+                raise SourceError(f"{self.path}: QEMU closed the connection")
+            self._buf += data
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            raise SourceError(f"{self.path}: QEMU went away: {e.strerror or e}") from None
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                desc = reply["error"].get("desc", "unknown error")
+                raise QmpError(f"QEMU refused {command}: {desc}")
+            if "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> QmpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
