@@ -23,13 +23,21 @@ import pytest
 
 MiB = 1 << 20
 # what the guest needs; their dependencies come from modules.dep, loaded first
-MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]
+MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4"]
+AGENT = "/usr/sbin/qemu-ga"  # Debian qemu-guest-agent; copied in with its libraries
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in {modules}; do insmod /lib/modules/$m.ko; done
 n=0; while [ ! -b /dev/vda1 ] && [ $n -lt 500 ]; do sleep 0.1; n=$((n+1)); done
 mount -t ext4 /dev/vda1 /mnt || {{ echo GUEST-FAILED > /dev/ttyS0; poweroff -f; }}
+mkdir -p /tmp /var/run
+for p in /sys/class/virtio-ports/*; do
+  [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && qga=/dev/${{p##*/}}
+done
+n=0; while [ -n "$qga" ] && [ ! -c "$qga" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+[ -n "$qga" ] && [ -x /usr/sbin/qemu-ga ] && \\
+  /usr/sbin/qemu-ga -m virtio-serial -p $qga -d -f /tmp/qga.pid -t /tmp
 echo GUEST-READY > /dev/ttyS0
 i=0; [ -f /mnt/records ] && i=$(wc -l < /mnt/records)
 while true; do
@@ -86,6 +94,21 @@ def _load_order(mdir: str, wanted: list[str]) -> list[str]:
     return order
 
 
+def _copy_with_libraries(binary: str, root: str) -> None:
+    """``binary`` and the shared libraries ``ldd`` names, at their paths under ``root``."""
+    paths = [binary]
+    for line in subprocess.run(["ldd", binary], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        parts = line.split()
+        lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if lib.startswith("/"):
+            paths.append(lib)
+    for src in paths:
+        dst = os.path.join(root, src.lstrip("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy(os.path.realpath(src), dst)
+
+
 def build_initramfs(dest: str) -> str:
     """The initramfs (newc cpio, gzip) with busybox, the modules and the init script."""
     k = kernel()
@@ -98,6 +121,8 @@ def build_initramfs(dest: str) -> str:
     order = _load_order(mdir, MODULES)
     for rel in order:
         shutil.copy(os.path.join(mdir, rel), os.path.join(root, "lib", "modules"))
+    if os.access(AGENT, os.X_OK):
+        _copy_with_libraries(AGENT, root)
     init = os.path.join(root, "init")
     with open(init, "w") as f:
         f.write(INIT.format(modules=" ".join(os.path.basename(r)[:-3] for r in order)))
@@ -143,6 +168,7 @@ class Guest:
                  paused: bool = False) -> None:
         self.dir = workdir
         self.qmp = os.path.join(workdir, "qmp.sock")
+        self.qga = os.path.join(workdir, "qga.sock")
         self.console = os.path.join(workdir, "console.log")
         cmd = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu", "max", "-m", "256",
                "-nodefaults", "-display", "none", "-no-reboot",
@@ -153,6 +179,9 @@ class Guest:
             cmd += ["-blockdev", f"driver=file,filename={img},node-name=file{i}",
                     "-blockdev", f"driver={fmt},file=file{i},node-name=disk{i}",
                     "-device", f"virtio-blk-pci,drive=disk{i},id={dev}"]
+        cmd += ["-chardev", f"socket,path={self.qga},server=on,wait=off,id=qga0",
+                "-device", "virtio-serial-pci",
+                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         if initrd:
             k = kernel()
             assert k is not None

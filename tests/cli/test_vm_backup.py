@@ -290,3 +290,44 @@ def test_sigkill_during_vm_backup(live, tmp_path):
 @needs_guest
 def test_sigkill_sweep_20(live, tmp_path):
     _kill_sweep(live, tmp_path, kills=20, seed=12)
+
+
+@needs_guest
+def test_guest_fsfreeze_gives_clean_filesystems_and_always_thaws(live, tmp_path):
+    repo = str(tmp_path / "repo")
+    init_repo(repo)
+    before = live.records_announced()
+    j = vm_backup(repo, "f1", live.qmp, "--guest-fsfreeze")
+    a = j["archives"][0]
+    assert a["consistency"] == "application" and a["frozen"] >= 1, a
+    part = str(tmp_path / "f1.p1")
+    with open(part, "wb") as f:
+        f.write(dv("extract", "--stdout", f"{repo}::f1", "disk/part1").stdout)
+    # frozen: the filesystem is clean as it is, no journal to replay
+    fsck = subprocess.run(["e2fsck", "-fn", part], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    text = subprocess.run(["debugfs", "-R", "cat /records", part], capture_output=True,
+                          check=True).stdout.decode()
+    check_records(text, before)
+    live.wait_records(live.records_announced() + 5)  # thawed: the guest writes on
+    # SIGKILL while frozen: the watchdog process thaws the guest
+    qga = live.qga
+    code = ("import os, signal\n"
+            "from diskvault.source.guestfreeze import GuestFreeze\n"
+            f"with GuestFreeze({qga!r}) as f:\n"
+            "    assert f.frozen >= 1\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    live.wait_records(live.records_announced() + 5, 120)
+
+
+def test_guest_fsfreeze_without_an_answering_agent_warns(paused, tmp_path):
+    g, disks = paused  # paused: the agent's channel exists, nobody answers
+    repo = str(tmp_path / "repo")
+    init_repo(repo)
+    r = dv("vm", "backup", "--guest-fsfreeze", "--qmp", g.qmp, "--drive", "vda",
+           f"{repo}::w", check=False)
+    assert r.returncode == 1, r.stderr
+    assert b"crash-consistent only" in r.stderr
+    assert dv("extract", "--stdout", f"{repo}::w").stdout == bytes(disks["vda"].expected)

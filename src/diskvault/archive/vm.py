@@ -18,13 +18,13 @@ archive that recorded its name.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ArchiveExists, IntegrityError, ObjectMissing, UsageError
 from ..repository.repo import Repository
+from ..source.guestfreeze import GuestFreeze
 from ..source.qmp import QmpClient
 from ..source.vm import (
     Drive,
@@ -53,6 +53,8 @@ class DriveResult:
 @dataclass
 class VmBackupResult:
     vm: str
+    consistency: str = "crash"  # "application": filesystems frozen by the guest agent
+    frozen: int = 0  # filesystems the agent froze
     drives: list[DriveResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -75,8 +77,7 @@ def _find_parent(repo: Repository, vm_key: str, d: Drive) -> tuple[str, dict] | 
 
 
 def backup_vm(repo: Repository, q: QmpClient, qmp_path: str, name: str, opts: CreateOptions,
-              drive_names: list[str] | None = None,
-              freeze: contextlib.AbstractContextManager | None = None,
+              drive_names: list[str] | None = None, freeze: GuestFreeze | None = None,
               note: Callable[[str], None] | None = None) -> VmBackupResult:
     vm_key = vm_identity(q, qmp_path)
     result = VmBackupResult(vm_key)
@@ -122,10 +123,13 @@ def backup_vm(repo: Repository, q: QmpClient, qmp_path: str, name: str, opts: Cr
             parents[d.name] = ("", why)
     snap = Snapshot(q, vm_key, drives, tag, old)
     snap.start(freeze)
+    if freeze is not None:
+        result.consistency, result.frozen = "application", getattr(freeze, "frozen", 0)
     try:
         for d in drives:
             result.drives.append(_backup_drive(repo, snap, d, names[d.name], opts, vm_key,
-                                               run_id, parents.get(d.name, ("", ""))))
+                                               run_id, parents.get(d.name, ("", "")),
+                                               result.consistency))
             snap.commit(d)
     finally:
         snap.close()
@@ -134,7 +138,7 @@ def backup_vm(repo: Repository, q: QmpClient, qmp_path: str, name: str, opts: Cr
 
 def _backup_drive(repo: Repository, snap: Snapshot, d: Drive, name: str,
                   base: CreateOptions, vm_key: str, run_id: str,
-                  parent: tuple[str, str]) -> DriveResult:
+                  parent: tuple[str, str], consistency: str) -> DriveResult:
     pname, why = parent
     opts = CreateOptions(**{**base.__dict__})
     opts.source_id = _source_id(vm_key, d)
@@ -156,7 +160,8 @@ def _backup_drive(repo: Repository, snap: Snapshot, d: Drive, name: str,
             opts.changed, mode, why = None, "full", "the disk's layout changed"
         meta = {"vm": {"id": vm_key, "drive": d.name, "node": d.node, "run": run_id,
                        "size": d.size, "format": d.format, "filename": d.filename,
-                       "bitmap": snap.new[d.name], "mode": mode, "parent": pname or None}}
+                       "bitmap": snap.new[d.name], "mode": mode, "parent": pname or None,
+                       "consistency": consistency}}
         res = backup_disk(repo, name, plan, opts, extra=meta)
     finally:
         src.close()

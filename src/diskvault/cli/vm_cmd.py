@@ -13,7 +13,9 @@ import sys
 
 from ..archive.create import CreateOptions
 from ..archive.vm import VmBackupResult, backup_vm
+from ..errors import SourceError, Warning_
 from ..repository.compression import Compression
+from ..source.guestfreeze import AGENT_NAME, GuestFreeze, find_agent_socket
 from ..source.qmp import QmpClient
 from .common import (
     WRITE,
@@ -45,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the VM's QMP socket (qemu -qmp unix:SOCKET,server=on,wait=off)")
     p.add_argument("--drive", action="append", metavar="NAME",
                    help="back up only this disk (device id or node name); repeatable")
+    p.add_argument("--guest-fsfreeze", action="store_true",
+                   help="freeze the guest's filesystems through the QEMU guest agent for the "
+                   "instant of the point in time (application-consistent)")
+    p.add_argument("--qga", metavar="SOCKET",
+                   help="the guest agent's socket (default: found through QMP)")
     p.add_argument("-C", "--compression", type=Compression.parse,
                    default=Compression.parse("lz4"), metavar="SPEC",
                    help="none, lz4 (default), zstd[,L], auto,C[,L]")
@@ -66,18 +73,43 @@ def run(args: argparse.Namespace) -> int:
     def note(msg: str) -> None:
         sys.stderr.write(f"diskvault: note: {msg}\n")
 
+    warnings = []
     with QmpClient(args.qmp) as q, open_repo(repo_loc, WRITE, args.lock_wait) as repo:
-        result = backup_vm(repo, q, args.qmp, name, opts, args.drive, note=note)
+        freeze = None
+        if args.guest_fsfreeze:
+            freeze, why = _guest_freeze(q, args.qga)
+            if why:
+                warnings.append(why)
+                sys.stderr.write(f"diskvault: warning: {why}\n")
+        result = backup_vm(repo, q, args.qmp, name, opts, args.drive, freeze=freeze,
+                           note=note)
     if progress:
         progress.done()
     _report(args, result)
+    if warnings:
+        raise Warning_(warnings[0])
     return 0
+
+
+def _guest_freeze(q: QmpClient, qga: str | None) -> tuple[GuestFreeze | None, str]:
+    """The freeze to use, or None and why the backup is only crash-consistent."""
+    path = qga or find_agent_socket(q)
+    if path is None:
+        return None, ("--guest-fsfreeze: the VM has no guest agent channel "
+                      f"({AGENT_NAME}); the backup is crash-consistent only")
+    freeze = GuestFreeze(path)
+    try:
+        freeze.check()
+    except SourceError as e:
+        return None, f"--guest-fsfreeze: {e}; the backup is crash-consistent only"
+    return freeze, ""
 
 
 def _report(args: argparse.Namespace, r: VmBackupResult) -> None:
     if args.json:
         print(json.dumps({"vm": r.vm, "archives": [{
             "name": d.archive, "drive": d.drive, "mode": d.mode, "reason": d.reason,
+            "consistency": r.consistency, "frozen": r.frozen,
             "size": d.size, "dirty": d.dirty, "stats": d.result.stats.to_dict()}
             for d in r.drives]}, indent=2))
         return

@@ -38,9 +38,13 @@ class QmpClient:
         try:
             if agent:
                 token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-                self._sock.sendall(b"\xff")  # flush a half-sent command of an earlier client
-                if self.execute("guest-sync-delimited", id=token) != token:
-                    raise SourceError(f"{path}: the guest agent answered out of turn")
+                # 0xff resets the agent's parser (a half-sent command of an earlier
+                # client); answers until the one carrying our token are stale
+                self._sock.sendall(b"\xff" + json.dumps(
+                    {"execute": "guest-sync-delimited", "arguments": {"id": token}}
+                ).encode() + b"\n")
+                while self._read().get("return") != token:
+                    pass
             else:
                 greeting = self._read()
                 if "QMP" not in greeting:

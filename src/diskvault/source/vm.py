@@ -197,6 +197,7 @@ class Snapshot:
         return f"{PREFIX}{d.node}-{what}"
 
     def start(self, freeze: contextlib.AbstractContextManager | None = None) -> Snapshot:
+        """``freeze``: held around the transaction alone (the guest agent's fsfreeze)."""
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         try:
             for d in self.drives:
