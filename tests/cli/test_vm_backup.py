@@ -25,6 +25,7 @@ from diskvault.source.qmp import QmpClient
 
 pytestmark = [needs_tool("qemu-system-x86_64", "qemu-img", "nbdinfo", "fusermount3")]
 DEV = "/machine/peripheral/{}/virtio-backend"
+DV = [sys.executable, "-m", "diskvault"]
 
 
 def qio(q: QmpClient, dev: str, cmd: str) -> None:
@@ -38,7 +39,9 @@ class Disk:
 
     def __init__(self, path: str, size: int, seed: int) -> None:
         rnd = random.Random(seed)
-        self.expected = bytearray(rnd.randbytes(size))
+        self.expected = bytearray()
+        while len(self.expected) < size:
+            self.expected += rnd.randbytes(min(16 * MiB, size - len(self.expected)))
         raw = path + ".raw"
         with open(raw, "wb") as f:
             f.write(self.expected)
@@ -258,7 +261,7 @@ def _kill_sweep(live, tmp_path, kills: int, seed: int) -> None:
     vm_backup(repo, "base", live.qmp)
     fired = 0
     for i in range(kills):
-        p = subprocess.Popen([sys.executable, "-m", "diskvault", "vm", "backup", "--qmp",
+        p = subprocess.Popen([*DV, "vm", "backup", "--qmp",
                               live.qmp, f"{repo}::k{i}"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         try:
@@ -331,3 +334,29 @@ def test_guest_fsfreeze_without_an_answering_agent_warns(paused, tmp_path):
     assert r.returncode == 1, r.stderr
     assert b"crash-consistent only" in r.stderr
     assert dv("extract", "--stdout", f"{repo}::w").stdout == bytes(disks["vda"].expected)
+
+
+def test_vm_going_away_mid_backup_is_one_clear_error(tmp_path):
+    disk = Disk(str(tmp_path / "big.qcow2"), 256 * MiB, 4)
+    repo = str(tmp_path / "repo")
+    init_repo(repo)
+    with running_guest(str(tmp_path), {"vda": disk.path}, paused=True) as g:
+        p = subprocess.Popen([*DV, "vm", "backup", "--qmp", g.qmp, f"{repo}::gone"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def exported() -> bool:
+            with open("/proc/self/mounts") as f:
+                return "diskvault-fleece" in f.read() or p.poll() is not None
+
+        g._wait(exported, 120, "the fleece export")
+        p.send_signal(signal.SIGSTOP)  # hold diskvault mid-backup, deterministically
+        assert exported() and p.poll() is None
+        g.stop()  # the VM dies while diskvault reads its disk
+        p.send_signal(signal.SIGCONT)
+        _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err
+    assert err.count(b"\n") == 1 and err.startswith(b"diskvault: error: "), err
+    assert dv("list", repo).stdout == b""
+    dv("check", repo)
+    with open("/proc/self/mounts") as f:
+        assert "diskvault-fleece" not in f.read()

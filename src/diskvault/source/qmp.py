@@ -35,6 +35,7 @@ class QmpClient:
             raise SourceError(f"{path}: cannot connect to the {what} socket: "
                               f"{e.strerror or e}") from None
         self._buf = b""
+        self._closed = False  # QEMU closed the connection (it exited)
         try:
             if agent:
                 token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -42,7 +43,7 @@ class QmpClient:
                 # client); answers until the one carrying our token are stale
                 self._sock.sendall(b"\xff" + json.dumps(
                     {"execute": "guest-sync-delimited", "arguments": {"id": token}}
-                ).encode() + b"\n")
+                ).encode() + b"\n", socket.MSG_NOSIGNAL)
                 while self._read().get("return") != token:
                     pass
             else:
@@ -77,6 +78,7 @@ class QmpClient:
             except TimeoutError:
                 raise SourceError(f"{self.path}: QEMU did not answer in time") from None
             if not data:
+                self._closed = True
                 raise SourceError(f"{self.path}: QEMU closed the connection")
             self._buf += data
 
@@ -84,9 +86,10 @@ class QmpClient:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        try:
-            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        try:  # MSG_NOSIGNAL: diskvault restores SIGPIPE's default for `extract | head`
+            self._sock.sendall(json.dumps(msg).encode() + b"\n", socket.MSG_NOSIGNAL)
         except OSError as e:
+            self._closed = True
             raise SourceError(f"{self.path}: QEMU went away: {e.strerror or e}") from None
         while True:
             reply = self._read()
@@ -98,6 +101,10 @@ class QmpClient:
                 raise QmpError(f"QEMU refused {command}: {desc}")
             if "return" in reply:
                 return reply["return"]
+
+    def alive(self) -> bool:
+        """False once QEMU has closed the connection (it exited or was killed)."""
+        return not self._closed
 
     def close(self) -> None:
         self._sock.close()

@@ -132,9 +132,20 @@ def remove_leftovers(q: QmpClient, vm_key: str) -> list[str]:
                 q.execute("blockdev-del", **{"node-name": n["node-name"]})
                 removed.append(f"node {n['node-name']}")
     d = _fleece_dir(vm_key)
+    _unmount_below(d)
     if os.path.isdir(d):
         shutil.rmtree(d, ignore_errors=True)
     return removed
+
+
+def _unmount_below(d: str) -> None:
+    """Lazily unmount FUSE exports left below ``d`` by a QEMU that died (their mount
+    points answer ENOTCONN, so ``os.path.ismount`` cannot see them: read the table)."""
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    for p in points:
+        if p.startswith(d.rstrip("/") + "/"):
+            subprocess.run(["fusermount3", "-uz", p], capture_output=True, check=False)
 
 
 def _wait_jobs_gone(q: QmpClient) -> None:
@@ -291,7 +302,20 @@ class Snapshot:
 
     def close(self) -> None:
         """Remove exports, jobs and nodes, then rotate the bitmaps: a committed disk's
-        old bitmap goes, an uncommitted disk's new one is folded back into the old."""
+        old bitmap goes, an uncommitted disk's new one is folded back into the old.
+        A QEMU that is gone leaves only our own files to clean up (never raises then:
+        the error that brought us here is the one to report)."""
+        try:
+            self._close_in_qemu()
+        except SourceError:
+            if self.q.alive():
+                raise
+        finally:
+            _unmount_below(self._dir)  # a dead QEMU cannot unmount its exports
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._exports, self._jobs, self._nodes, self.new = [], [], [], {}
+
+    def _close_in_qemu(self) -> None:
         q = self.q
         for eid in self._exports:
             with contextlib.suppress(QmpError):
@@ -306,12 +330,9 @@ class Snapshot:
         for node in self._nodes:
             with contextlib.suppress(QmpError):
                 q.execute("blockdev-del", **{"node-name": node})
-        self._exports, self._jobs, self._nodes = [], [], []
-        shutil.rmtree(self._dir, ignore_errors=True)
         for d in self.drives:
             if d.name in self._committed:
                 if self.old.get(d.name):
                     q.execute("block-dirty-bitmap-remove", node=d.node, name=self.old[d.name])
             else:
                 self._abort(d)
-        self.new = {}
