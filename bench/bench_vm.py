@@ -117,7 +117,7 @@ def main() -> None:
         changed = churn(g.qmp, size, 0.01, 3)
         # the same disk, read whole (what a tool without change tracking reads)
         wall, cpu, out = timed(DV + ["disk", "backup", "--json", "--no-parent",
-                                     "--image-format", "qcow2", disk, f"{repo}::full"], env)
+                                     "--image-format", "qcow2", f"{repo}::full", disk], env)
         st = json.loads(out)["archive"]["stats"]
         rows.append(("disk backup, full read (--no-parent)",
                      {"wall": wall, "cpu": cpu, "read": st["read"], "dirty": 0,

@@ -18,14 +18,13 @@ import subprocess
 import sys
 
 import pytest
-from support import dv, init_repo, needs_tool
+from support import DV, dv, init_repo, needs_tool
 from vmkit import MiB, build_initramfs, check_records, make_guest_disk, needs_guest, running_guest
 
 from diskvault.source.qmp import QmpClient
 
 pytestmark = [needs_tool("qemu-system-x86_64", "qemu-img", "nbdinfo", "fusermount3")]
 DEV = "/machine/peripheral/{}/virtio-backend"
-DV = [sys.executable, "-m", "diskvault"]
 
 
 def qio(q: QmpClient, dev: str, cmd: str) -> None:

@@ -73,7 +73,7 @@ def leftover_exports() -> list[str]:
 
 
 def backup(repo: str, name: str, *args: str) -> dict:
-    return json.loads(dv("disk", "backup", "--json", *args, f"{repo}::{name}").stdout)
+    return json.loads(dv("disk", "backup", "--json", f"{repo}::{name}", *args).stdout)
 
 
 def test_qcow2_backed_up_as_guest_disk_and_restored_to_raw_and_qcow2(guest, tmp_path):
@@ -131,7 +131,7 @@ def test_backing_chain_is_resolved(guest, tmp_path):
 def test_image_format_raw_stores_the_container_and_bad_format_is_refused(guest, tmp_path):
     repo = str(tmp_path / "repo")
     init_repo(repo)
-    r = dv("disk", "backup", "--image-format", "bogus", guest["qcow2"], f"{repo}::x",
+    r = dv("disk", "backup", "--image-format", "bogus", f"{repo}::x", guest["qcow2"],
            check=False)
     assert r.returncode == 2 and b"unknown image format" in r.stderr
     assert r.stderr.count(b"\n") == 1

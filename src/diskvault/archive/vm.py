@@ -130,7 +130,8 @@ def backup_vm(repo: Repository, q: QmpClient, qmp_path: str, name: str, opts: Cr
             result.drives.append(_backup_drive(repo, snap, d, names[d.name], opts, vm_key,
                                                run_id, parents.get(d.name, ("", "")),
                                                result.consistency))
-            snap.commit(d)
+            if not opts.dry_run:  # no archive: the old bitmap stays in charge
+                snap.commit(d)
     finally:
         snap.close()
     return result

@@ -11,22 +11,14 @@ import argparse
 import json
 import sys
 
-from ..archive.create import CreateOptions
 from ..archive.vm import VmBackupResult, backup_vm
 from ..errors import SourceError, Warning_
-from ..repository.compression import Compression
+from ..repository.repo import Repository
 from ..source.guestfreeze import AGENT_NAME, GuestFreeze, find_agent_socket
 from ..source.qmp import QmpClient
-from .common import (
-    WRITE,
-    Progress,
-    add_common,
-    expand_placeholders,
-    fmt_size,
-    open_repo,
-    split_location,
-)
-from .create_cmd import print_stats
+from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
+from .options import add_archive_options, create_options, make_progress
+from .output import fmt_size, stats_lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,13 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "instant of the point in time (application-consistent)")
     p.add_argument("--qga", metavar="SOCKET",
                    help="the guest agent's socket (default: found through QMP)")
-    p.add_argument("-C", "--compression", type=Compression.parse,
-                   default=Compression.parse("lz4"), metavar="SPEC",
-                   help="none, lz4 (default), zstd[,L], auto,C[,L]")
-    p.add_argument("--comment", default="")
-    p.add_argument("-p", "--progress", action="store_true")
-    p.add_argument("-s", "--stats", action="store_true")
-    p.add_argument("--json", action="store_true")
+    add_archive_options(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.set_defaults(func=run)
 
@@ -66,9 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     repo_loc, archive = split_location(args.location, need_archive=True)
     name = expand_placeholders(archive or "")
-    progress = Progress(args.progress, "") if args.progress else None
-    opts = CreateOptions(compression=args.compression, comment=args.comment,
-                         progress=progress)
+    progress = make_progress(args, "vm backup")
+    opts = create_options(args, progress)
 
     def note(msg: str) -> None:
         sys.stderr.write(f"diskvault: note: {msg}\n")
@@ -83,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"diskvault: warning: {why}\n")
         result = backup_vm(repo, q, args.qmp, name, opts, args.drive, freeze=freeze,
                            note=note)
-    if progress:
-        progress.done()
-    _report(args, result)
+        if progress:
+            progress.done(sum(d.result.stats.original for d in result.drives))
+        _report(args, repo, result)
     if warnings:
         raise Warning_(warnings[0])
     return 0
@@ -105,7 +90,7 @@ def _guest_freeze(q: QmpClient, qga: str | None) -> tuple[GuestFreeze | None, st
     return freeze, ""
 
 
-def _report(args: argparse.Namespace, r: VmBackupResult) -> None:
+def _report(args: argparse.Namespace, repo: Repository, r: VmBackupResult) -> None:
     if args.json:
         print(json.dumps({"vm": r.vm, "archives": [{
             "name": d.archive, "drive": d.drive, "mode": d.mode, "reason": d.reason,
@@ -119,4 +104,5 @@ def _report(args: argparse.Namespace, r: VmBackupResult) -> None:
         sys.stderr.write(f"diskvault: {d.drive} → {d.archive}: {how}; read "
                          f"{fmt_size(d.result.stats.read)} of {fmt_size(d.size)}\n")
         if args.stats:
-            print_stats(d.archive, d.result.stats, sys.stdout)
+            ref = repo.manifest.archives.get(d.archive)
+            print("\n".join(stats_lines(d.result.meta, ref.id.hex() if ref else None)))
