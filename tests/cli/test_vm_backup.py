@@ -76,6 +76,11 @@ def our_bitmaps(qmp: str) -> dict[str, list[str]]:
                 if not n["node-name"].startswith(("diskvault-", "file"))}
 
 
+def fleece_mounted() -> bool:
+    with open("/proc/self/mounts") as f:
+        return "diskvault-fleece" in f.read()
+
+
 def assert_clean(qmp: str) -> None:
     assert leftovers(qmp) == {"jobs": [], "exports": [], "nodes": []}
     with open("/proc/self/mounts") as f:
@@ -263,12 +268,22 @@ def _kill_sweep(live, tmp_path, kills: int, seed: int) -> None:
         p = subprocess.Popen([*DV, "vm", "backup", "--qmp",
                               live.qmp, f"{repo}::k{i}"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
-        try:
-            p.wait(timeout=rnd.uniform(0.3, 4.0))
-        except subprocess.TimeoutExpired:
+        if i % 2 == 0:
+            # mid-read, for sure: once the fleece export is up, stop it, check, kill
+            live._wait(lambda p=p: fleece_mounted() or p.poll() is not None, 300,
+                       "the fleece export")
+            p.send_signal(signal.SIGSTOP)
+            assert fleece_mounted() and p.poll() is None, "the backup ended too early"
             p.send_signal(signal.SIGKILL)
             p.wait()
             fired += 1
+        else:  # anywhere: a seeded moment, maybe before the transaction, maybe after
+            try:
+                p.wait(timeout=rnd.uniform(0.05, 3.0))
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                fired += 1
         p.stderr.close()  # type: ignore[union-attr]
         assert live.alive()
         before = live.records_announced()
@@ -279,7 +294,7 @@ def _kill_sweep(live, tmp_path, kills: int, seed: int) -> None:
         for names in our_bitmaps(live.qmp).values():  # one per repository, no more
             tags = [n.split("-")[1] for n in names]
             assert len(tags) == len(set(tags)), names
-    assert fired >= kills // 2, f"only {fired} of {kills} runs were killed mid-way"
+    assert fired >= (kills + 1) // 2
     dv("check", "--verify-data", repo)
 
 
