@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..archive.vm import VmBackupResult, backup_vm
-from ..errors import SourceError, Warning_
+from ..errors import VmError, Warning_
 from ..repository.repo import Repository
 from ..source.guestfreeze import AGENT_NAME, GuestFreeze, find_agent_socket
 from ..source.qmp import QmpClient
@@ -85,7 +85,7 @@ def _guest_freeze(q: QmpClient, qga: str | None) -> tuple[GuestFreeze | None, st
     freeze = GuestFreeze(path)
     try:
         freeze.check()
-    except SourceError as e:
+    except VmError as e:
         return None, f"--guest-fsfreeze: {e}; the backup is crash-consistent only"
     return freeze, ""
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import TargetError, VmError
-from .qmp import Qmp
+from ..source.qmp import QmpClient
 
 SRC_NODE, TOP_NODE, RAW_NODE, JOB = "dv-backup", "dv-disk", "dv-target", "dv-restore"
 DONE_EVENTS = {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}
@@ -68,7 +68,7 @@ def run(plan: Plan, stop: threading.Event, progress: Callable[[int, int], None])
     Until the VM has been continued nothing is left behind on failure: the nodes are
     removed from QEMU and the new images deleted.
     """
-    qmp = Qmp(plan.qmp_path)
+    qmp = QmpClient(plan.qmp_path)
     try:
         overlay = create_target(plan)
         try:
@@ -94,7 +94,7 @@ def run(plan: Plan, stop: threading.Event, progress: Callable[[int, int], None])
         qmp.close()
 
 
-def _undo(qmp: Qmp, plan: Plan, overlay: str | None) -> None:
+def _undo(qmp: QmpClient, plan: Plan, overlay: str | None) -> None:
     """Best effort: take back the nodes _attach added (the device, added last, was not),
     delete the images create_target made."""
     for node in (RAW_NODE, TOP_NODE, SRC_NODE):
@@ -106,7 +106,7 @@ def _undo(qmp: Qmp, plan: Plan, overlay: str | None) -> None:
                 os.unlink(path)
 
 
-def _attach(qmp: Qmp, plan: Plan, overlay: str | None) -> None:
+def _attach(qmp: QmpClient, plan: Plan, overlay: str | None) -> None:
     qmp.execute("blockdev-add", **{
         "driver": "nbd", "node-name": SRC_NODE, "read-only": True, "export": plan.export,
         "server": {"type": "unix", "path": plan.nbd_socket}})
@@ -121,7 +121,7 @@ def _attach(qmp: Qmp, plan: Plan, overlay: str | None) -> None:
         qmp.execute("device_add", driver=plan.device, drive=TOP_NODE, id=plan.device_id)
 
 
-def _wait_job(qmp: Qmp, stop: threading.Event, progress: Callable[[int, int], None],
+def _wait_job(qmp: QmpClient, stop: threading.Event, progress: Callable[[int, int], None],
               pivot: bool) -> None:
     """Wait for the copy job (polling its progress once a second); pivot a mirror."""
     wanted = DONE_EVENTS | ({"BLOCK_JOB_READY"} if pivot else set())

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from ..errors import SourceError
+from ..errors import VmError
 from .qmp import QmpClient, QmpError
 
 AGENT_NAME = "org.qemu.guest_agent.0"
@@ -78,8 +78,8 @@ class GuestFreeze:
         try:
             with _agent(self.path) as a:
                 a.execute("guest-ping")
-        except SourceError as e:
-            raise SourceError(f"guest agent: {e}") from None
+        except VmError as e:
+            raise VmError(f"guest agent: {e}") from None
 
     def __enter__(self) -> GuestFreeze:
         self._guard = subprocess.Popen(
@@ -120,7 +120,7 @@ def _watchdog(path: str, limit: float) -> int:
         try:
             thaw(path)
             return 0
-        except SourceError:
+        except VmError:
             if time.monotonic() > deadline:
                 return 1
             time.sleep(0.5)

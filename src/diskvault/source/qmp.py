@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
-from ..errors import SourceError
+from ..errors import VmError
 
 
-class QmpError(SourceError):
+class QmpError(VmError):
     """QEMU refused a command; the message names it and QEMU's reason."""
 
 
@@ -27,12 +28,13 @@ class QmpClient:
         self.events: list[dict] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
+        self._timeout = timeout
         what = "guest agent" if agent else "QMP"
         try:
             self._sock.connect(path)
         except OSError as e:
             self._sock.close()
-            raise SourceError(f"{path}: cannot connect to the {what} socket: "
+            raise VmError(f"{path}: cannot connect to the {what} socket: "
                               f"{e.strerror or e}") from None
         self._buf = b""
         self._closed = False  # QEMU closed the connection (it exited)
@@ -49,16 +51,19 @@ class QmpClient:
             else:
                 greeting = self._read()
                 if "QMP" not in greeting:
-                    raise SourceError(f"{path}: not a QMP socket")
+                    raise VmError(f"{path}: not a QMP socket")
                 self.execute("qmp_capabilities")
         except TimeoutError:
             self.close()
-            raise SourceError(f"{path}: the {what} did not answer") from None
+            raise VmError(f"{path}: the {what} did not answer") from None
         except BaseException:
             self.close()
             raise
 
-    def _read(self) -> dict:
+    def _read(self, timeout: float | None = None) -> dict:
+        """The next message. ``timeout``: raise TimeoutError when none arrives in time
+        (otherwise the socket's own timeout applies and is an error)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
@@ -69,17 +74,24 @@ class QmpClient:
                 try:
                     msg = json.loads(line)
                 except ValueError:
-                    raise SourceError(f"{self.path}: garbled answer from QEMU") from None
+                    raise VmError(f"{self.path}: garbled answer from QEMU") from None
                 if isinstance(msg, dict):
                     return msg
                 continue
+            if deadline is not None:
+                self._sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
                 data = self._sock.recv(65536)
             except TimeoutError:
-                raise SourceError(f"{self.path}: QEMU did not answer in time") from None
+                if deadline is not None:
+                    raise
+                raise VmError(f"{self.path}: QEMU did not answer in time") from None
+            finally:
+                if deadline is not None:
+                    self._sock.settimeout(self._timeout)
             if not data:
                 self._closed = True
-                raise SourceError(f"{self.path}: QEMU closed the connection")
+                raise VmError(f"{self.path}: QEMU closed the connection")
             self._buf += data
 
     def execute(self, command: str, **arguments: Any) -> Any:
@@ -90,7 +102,7 @@ class QmpClient:
             self._sock.sendall(json.dumps(msg).encode() + b"\n", socket.MSG_NOSIGNAL)
         except OSError as e:
             self._closed = True
-            raise SourceError(f"{self.path}: QEMU went away: {e.strerror or e}") from None
+            raise VmError(f"{self.path}: QEMU went away: {e.strerror or e}") from None
         while True:
             reply = self._read()
             if "event" in reply:
@@ -101,6 +113,25 @@ class QmpClient:
                 raise QmpError(f"QEMU refused {command}: {desc}")
             if "return" in reply:
                 return reply["return"]
+
+    def wait_event(self, names: set[str], timeout: float) -> dict | None:
+        """The next event named in ``names`` (earlier ones first), or None at the
+        timeout; other events are dropped (nothing else waits for them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.get("event") in names:
+                    return self.events.pop(i)
+            self.events.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                msg = self._read(left)
+            except TimeoutError:
+                return None
+            if "event" in msg:
+                self.events.append(msg)
 
     def alive(self) -> bool:
         """False once QEMU has closed the connection (it exited or was killed)."""

@@ -34,7 +34,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from ..errors import SourceError
+from ..errors import SourceError, VmError
 from .qmp import QmpClient, QmpError
 
 PREFIX = "diskvault-"
@@ -307,7 +307,7 @@ class Snapshot:
         the error that brought us here is the one to report)."""
         try:
             self._close_in_qemu()
-        except SourceError:
+        except VmError:
             if self.q.alive():
                 raise
         finally:
