@@ -206,12 +206,13 @@ def bench_restic(work, img1, img2):
 def report(name: str, size: int, results: dict) -> None:
     print(f"\n=== {name}: {size / MiB:.0f} MiB image ===")
     hdr = (f"{'tool/config':34} {'1st MB/s':>9} {'2nd MB/s':>9} {'extr MB/s':>9} "
-           f"{'1st cpu s':>9} {'RSS MiB':>8} {'repo1 MiB':>9} {'+repo2 MiB':>10}")
+           f"{'1st cpu s':>9} {'cpu s/GiB':>9} {'RSS MiB':>8} {'repo1 MiB':>9} {'+repo2 MiB':>10}")
     print(hdr)
     for key, r in results.items():
         mbs = lambda x: size / MiB / x["wall"]  # noqa: E731
         print(f"{key:34} {mbs(r['first']):9.0f} {mbs(r['second']):9.0f} "
               f"{mbs(r['extract']):9.0f} {r['first']['cpu']:9.1f} "
+              f"{r['first']['cpu'] / (size / (1 << 30)):9.2f} "
               f"{max(r['first']['rss'], r['second']['rss'], r['extract']['rss']):8.0f} "
               f"{r['repo1'] / MiB:9.1f} {(r['repo2'] - r['repo1']) / MiB:10.1f}")
     print("ratios diskvault / borg (same compression+encryption; >1 = diskvault faster/smaller "
@@ -219,13 +220,15 @@ def report(name: str, size: int, results: dict) -> None:
     for key, r in results.items():
         if not key.startswith("diskvault"):
             continue
-        bkey = key.replace("diskvault", "borg").replace("repokey", "repokey-blake2")
+        bkey = (key.replace("diskvault", "borg").replace("repokey", "repokey-blake2")
+                .replace("auto,", ""))
         if bkey not in results:
             continue
         b = results[bkey]
         print(f"  {key:32} create x{b['first']['wall'] / r['first']['wall']:.2f}  "
               f"2nd x{b['second']['wall'] / r['second']['wall']:.2f}  "
               f"extract x{b['extract']['wall'] / r['extract']['wall']:.2f}  "
+              f"cpu 1st {r['first']['cpu'] / b['first']['cpu']:.2f}  "
               f"repo {r['repo2'] / b['repo2']:.2f}")
 
 
@@ -237,6 +240,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["vm", "rootfs"])
     ap.add_argument("--repo-dir", help="put repositories here (default: --work)")
     ap.add_argument("--tools", default="diskvault,borg,restic")
+    ap.add_argument("--comp", default="lz4,zstd,3",
+                    help="compressions, ';'-separated (diskvault and Borg get the same)")
+    ap.add_argument("--enc", default="none,repokey", help="encryption modes to run")
+    ap.add_argument("--dv-comp", default="",
+                    help="';'-separated extra diskvault-only compressions (e.g. auto,lz4)")
     args = ap.parse_args()
     global REPO_DIR
     REPO_DIR = args.repo_dir
@@ -257,8 +265,15 @@ def main() -> None:
         sets.append(("rootfs", r1, r2))
     for name, img1, img2 in sets:
         results = {}
-        for comp in ("lz4", "zstd,3"):
-            for enc, benc in (("none", "none"), ("repokey", "repokey-blake2")):
+        comps = ["lz4", "zstd,3"] if args.comp == "lz4,zstd,3" else args.comp.split(";")
+        encs = [(e, "repokey-blake2" if e == "repokey" else e) for e in args.enc.split(",")]
+        for enc, _ in encs:
+            for comp in [c for c in args.dv_comp.split(";") if c]:
+                print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
+                results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
+                                                                     comp, enc)
+        for comp in comps:
+            for enc, benc in encs:
                 if "diskvault" in tools:
                     print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
                     results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,

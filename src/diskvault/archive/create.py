@@ -29,6 +29,7 @@ import numpy as np
 from ..chunking.base import DEFAULT_SEEKABLE, DEFAULT_STREAM, ChunkerParams, make_chunker
 from ..errors import ArchiveExists, IntegrityError, ObjectMissing, UsageError
 from ..repository.compression import Compression
+from ..repository.objects import Sealed
 from ..repository.repo import Repository
 from ..repository.writer import ChunkWriter
 from ..source.content import DATA, Content, ReadStats, SeekableContent, _pread_into
@@ -122,7 +123,7 @@ class _DryWriter:
     def known(self, cid: bytes) -> bool:
         return cid in self.seen or cid in self.repo.index
 
-    def add(self, cid: bytes, blob: bytes, plain: int) -> bool:
+    def add(self, cid: bytes, blob: Sealed, plain: int) -> bool:
         if self.known(cid):
             return False
         self.seen[cid] = len(blob)
@@ -161,11 +162,12 @@ class ArchiveBuilder:
 
     # --- per chunk ---------------------------------------------------------------
 
-    def _seal(self, data: bytes | bytearray) -> tuple[bytes, bytes | None]:
+    def _seal(self, data: bytes | bytearray) -> tuple[bytes, Sealed | None]:
         cid = self.repo.id_hash(data)
         if self.writer.known(cid):
             return cid, None
-        return cid, self.repo.codec.seal(cid, data)
+        # as buffers: the pack is written from them, the chunk's bytes are not copied
+        return cid, self.repo.codec.seal_chunk(cid, data)
 
     def _present(self, records: list[Record]) -> bool:
         """Whether every chunk the records need is in the repository (a damaged parent

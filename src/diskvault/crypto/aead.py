@@ -7,6 +7,9 @@ Sealed layout: ``suite(1) | header | body | tag(16)``.
   picks a random session id and derives its own key HKDF(master, session id), and the
   nonce is the counter: a (key, nonce) pair can never repeat, also across concurrent
   writers, without coordinating them. AAD binds the object to its name (id).
+- suite 2 (no encryption, no tag): body = plaintext. Only chunks of format version 2
+  repositories without encryption, whose plaintext the reader checks against the
+  chunk id anyway (repository/objects.py); never accepted anywhere else.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from ..errors import IntegrityError
 
 SUITE_NONE = 0
 SUITE_AES256GCM = 1
+SUITE_NONE_ID_CHECKED = 2
 TAG_LEN = 16
+
+Buffer = bytes | bytearray | memoryview
 
 
 class Cipher(ABC):
@@ -38,6 +44,15 @@ class Cipher(ABC):
     @abstractmethod
     def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes | bytearray:
         """Return the plaintext or raise IntegrityError naming ``what``."""
+
+    def seal_parts(self, aad: bytes, head: bytes, body: Buffer) -> list[Buffer]:
+        """``seal(aad, head + body)`` as buffers to be written one after another.
+
+        The default joins head and body: one-shot AES-GCM into a preallocated buffer
+        is faster here than the streaming API over two pieces, and a copy costs
+        ~0.15 ms per 4 MiB against ~1.1 ms for the encryption itself.
+        """
+        return [self.seal(aad, head + body)]
 
 
 class PlainCipher(Cipher):
@@ -51,6 +66,14 @@ class PlainCipher(Cipher):
         mv[1 : 1 + len(plaintext)] = plaintext
         mv[1 + len(plaintext) :] = h.digest(TAG_LEN)
         return out
+
+    def seal_parts(self, aad: bytes, head: bytes, body: Buffer) -> list[Buffer]:
+        # no copy at all: the body (often the buffer the data was read into) is
+        # written as it is, between the suite+head bytes and the tag
+        h = blake3.blake3(aad)
+        h.update(head)
+        h.update(body)
+        return [bytes([SUITE_NONE]) + head, body, h.digest(TAG_LEN)]
 
     def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
         mv = memoryview(sealed)

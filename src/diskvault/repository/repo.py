@@ -109,7 +109,9 @@ class Repository:
         cipher: Cipher = (PlainCipher() if self.encryption == "none"
                           else AesGcmCipher(km.enc_key, session=random_bytes(16)))
         self.id_hash = IdHasher(km.id_key)
-        self.codec = ObjectCodec(cipher, self.id_hash, Compression.parse("lz4"))
+        # version 2 without encryption: chunks carry no tag, their id check suffices
+        self.codec = ObjectCodec(cipher, self.id_hash, Compression.parse("lz4"),
+                                 untagged_chunks=self.format_version >= 2)
         self.key = km
         # FastCDC seed: secret in version 2, the public table (0) in version 1, so old
         # archives keep deduplicating against new ones there

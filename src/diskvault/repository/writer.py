@@ -11,8 +11,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from ..crypto.aead import Buffer
 from .index import ChunkIndex
-from .pack import PackEntry, PackWriter, pack_key, pack_name
+from .objects import Sealed
+from .pack import PackEntry, PackWriter, pack_key
 
 if TYPE_CHECKING:
     from .repo import Repository
@@ -37,7 +39,7 @@ class ChunkWriter:
     def known(self, chunk_id: bytes) -> bool:
         return chunk_id in self.pending or chunk_id in self.repo.index
 
-    def add(self, chunk_id: bytes, blob: bytes, plain_size: int) -> bool:
+    def add(self, chunk_id: bytes, blob: Buffer | Sealed, plain_size: int) -> bool:
         """Queue a sealed chunk; False if it was already stored (nothing written)."""
         if self.known(chunk_id):
             return False
@@ -50,18 +52,17 @@ class ChunkWriter:
     def _ship(self) -> None:
         if not len(self.pack):
             return
-        data, entries = self.pack.finish_unnamed(self.repo.codec)
-        self.pack = PackWriter(self.repo.pack_size)
-        # naming = hashing 32 MiB: done on the upload thread, off the reading thread
-        fut = self.pool.submit(self._upload, data)
-        self.uploads.append((fut, entries, len(data)))
+        # the pack was hashed (named) as chunks were added: the upload thread only
+        # writes, from the chunks' own buffers (no 32 MiB join)
+        name, parts, size, entries = self.pack.finish_parts(self.repo.codec)
+        fut = self.pool.submit(self._upload, name, parts)
+        self.uploads.append((fut, entries, size))
         # bound memory: one pack being filled plus one per upload thread
         while len(self.uploads) > self.upload_threads:
             self._reap_one()
 
-    def _upload(self, data: bytes) -> str:
-        name = pack_name(data)
-        self.repo.store.store(pack_key(name), data)
+    def _upload(self, name: str, parts: list[Buffer]) -> str:
+        self.repo.store.store_parts(pack_key(name), parts)
         return name
 
     def _reap_one(self) -> None:

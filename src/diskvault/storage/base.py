@@ -46,6 +46,11 @@ class Store(ABC):
     def store(self, name: str, value: bytes | bytearray | memoryview) -> None:
         """Write the value atomically and durably (replacing any old value)."""
 
+    def store_parts(self, name: str, parts: list[bytes | bytearray | memoryview]) -> None:
+        """``store(name, b"".join(parts))``; a backend that can write the parts one
+        after another (a local file: ``writev``) overrides it to skip the join."""
+        self.store(name, b"".join(parts))
+
     @abstractmethod
     def delete(self, name: str) -> None:
         """Remove the value."""

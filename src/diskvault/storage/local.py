@@ -34,6 +34,25 @@ from .base import Store
 
 _TMP_NEW = re.compile(r"\.tmp-\d+-[0-9a-f]+$")
 LEGACY_AGE = 24 * 3600
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def _writev_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
+    """Write the parts one after another with as few syscalls as the kernel allows
+    (``writev`` may write less than asked: continue where it stopped)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        if n <= 0:  # a regular file writes something or raises; never spin
+            raise OSError(errno.EIO, "short write")
+        while n and i < len(views):
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
 
 
 class LocalStore(Store):
@@ -73,6 +92,9 @@ class LocalStore(Store):
             raise StorageError(f"cannot read {name}: {e.strerror}") from None
 
     def store(self, name: str, value: bytes | bytearray | memoryview) -> None:
+        self.store_parts(name, [value])
+
+    def store_parts(self, name: str, parts: list[bytes | bytearray | memoryview]) -> None:
         path = self._p(name)
         d = os.path.dirname(path)
         tmp = ""
@@ -80,11 +102,8 @@ class LocalStore(Store):
             os.makedirs(d, exist_ok=True)
             fd, tmp = self._create_locked_tmp(path)
             try:
-                view = memoryview(value)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
+                _writev_all(fd, parts)
+                os.fsync(fd)  # releases the GIL: the chunk workers keep both cores
                 os.replace(tmp, path)
             finally:
                 os.close(fd)  # drops the lock: only after the rename (see the head)

@@ -108,6 +108,9 @@ class RetryStore(StoreWrapper):
     def store(self, name: str, value: bytes | bytearray | memoryview) -> None:
         self._call("store", name, lambda: self.inner.store(name, value))
 
+    def store_parts(self, name: str, parts: list[bytes | bytearray | memoryview]) -> None:
+        self._call("store", name, lambda: self.inner.store_parts(name, parts))
+
     def delete(self, name: str) -> None:
         failed = False
 
