@@ -109,6 +109,20 @@ def test_store_accepts_bytearray_and_memoryview(store: Store) -> None:
     assert store.load("b") == value[1000:]
 
 
+def test_store_parts_writes_the_parts_in_order(store: Store) -> None:
+    """Packs are stored from their objects' buffers (writev on a local disk)."""
+    value = _blob(3 * MiB + 5, seed=3)
+    cuts = [0, 0, 8, 9, 100, 1 << 20, 1 << 20, 3 * MiB, len(value)]
+    parts = [value[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    parts[2] = bytearray(parts[2])
+    parts[4] = memoryview(value)[cuts[4] : cuts[5]]
+    store.store_parts("packs/0a/parts", parts)
+    assert store.load("packs/0a/parts") == value
+    assert store.size("packs/0a/parts") == len(value)
+    store.store_parts("packs/0a/parts", [b"new"])  # replaces, like store
+    assert store.load("packs/0a/parts") == b"new"
+
+
 @pytest.mark.parametrize(
     ("offset", "size"),
     [(0, 1), (0, 4096), (4095, 2), (100_000, 4096), (1, 200_000), (0, None), (70_000, None),
