@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import DV, MiB, run, warm  # noqa: E402
+from bench_core import DV, MiB, du, run, warm  # noqa: E402
 
 ENV = {"DISKVAULT_PASSPHRASE": "bench", "BORG_PASSPHRASE": "bench",
        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
@@ -57,6 +57,7 @@ def one(cfg: str, image: str, repo_dir: str, baseline: str | None, extract: bool
         res = {"create": run([*DV, "create", "-C", comp, f"{repo}::one", image], env)}
         if extract:
             res["extract"] = run([*DV, "extract", "--stdout", f"{repo}::one"], env)
+    res["repo"] = du(repo)
     shutil.rmtree(repo)
     return res
 
@@ -86,18 +87,18 @@ def main() -> None:
                   f"rss {cr['rss']:5.0f} MiB", file=sys.stderr, flush=True)
     print(f"\n=== {args.image}: {size / MiB:.0f} MiB, {args.rounds} rounds, medians ===")
     print(f"{'config':28} {'create s':>9} {'MB/s':>6} {'cpu s':>7} {'cpu s/GiB':>9} "
-          f"{'RSS MiB':>8} {'extract s':>9} {'extr cpu':>8}")
+          f"{'RSS MiB':>8} {'repo MiB':>8} {'extract s':>9} {'extr cpu':>8}")
     med: dict[str, dict[str, float]] = {}
     for c, rs in results.items():
         m = {"wall": statistics.median(x["create"]["wall"] for x in rs),
              "cpu": statistics.median(x["create"]["cpu"] for x in rs),
-             "rss": max(x["create"]["rss"] for x in rs)}
+             "rss": max(x["create"]["rss"] for x in rs), "repo": rs[-1]["repo"]}
         if args.extract:
             m["xwall"] = statistics.median(x["extract"]["wall"] for x in rs)
             m["xcpu"] = statistics.median(x["extract"]["cpu"] for x in rs)
         med[c] = m
         print(f"{c:28} {m['wall']:9.1f} {size / MiB / m['wall']:6.0f} {m['cpu']:7.1f} "
-              f"{m['cpu'] / gib:9.2f} {m['rss']:8.0f} "
+              f"{m['cpu'] / gib:9.2f} {m['rss']:8.0f} {m['repo'] / MiB:8.1f} "
               + (f"{m['xwall']:9.1f} {m['xcpu']:8.1f}" if args.extract else ""))
     print("vs borg, same compression and encryption (speed: borg time / this time; "
           "cpu: this / borg):")

@@ -48,7 +48,7 @@ class ObjectCodec:
         self.untagged_chunks = untagged_chunks and cipher.suite == SUITE_NONE
 
     def seal(self, obj_id: bytes, data: bytes | memoryview,
-             compression: Compression | None = None) -> bytes:
+             compression: Compression | None = None) -> bytes | bytearray:
         comp = compression or self.compression
         return self.cipher.seal(obj_id, comp.compress(data))
 
@@ -60,7 +60,7 @@ class ObjectCodec:
 
     def open(self, obj_id: bytes, blob: bytes | memoryview, what: str | None = None) -> bytes:
         what = what or f"object {obj_id.hex()[:16]}"
-        return decompress(self.cipher.open(obj_id, blob, what), what)
+        return decompress(memoryview(self.cipher.open(obj_id, blob, what)), what)
 
     def open_chunk(self, chunk_id: bytes, blob: bytes | memoryview) -> bytes:
         what = f"chunk {chunk_id.hex()[:16]}"
