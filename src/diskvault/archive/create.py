@@ -28,7 +28,7 @@ import numpy as np
 
 from ..chunking.base import DEFAULT_SEEKABLE, DEFAULT_STREAM, ChunkerParams, make_chunker
 from ..errors import ArchiveExists, IntegrityError, ObjectMissing, UsageError
-from ..repository.compression import Compression
+from ..repository.compression import DEFAULT_COMPRESSION, Compression
 from ..repository.objects import Sealed
 from ..repository.repo import Repository
 from ..repository.writer import ChunkWriter
@@ -81,7 +81,7 @@ class CreateStats:
 
 @dataclass
 class CreateOptions:
-    compression: Compression = field(default_factory=lambda: Compression.parse("lz4"))
+    compression: Compression = field(default_factory=lambda: DEFAULT_COMPRESSION)
     chunker: ChunkerParams | None = None  # None: per-source default
     workers: int = 2
     dry_run: bool = False

@@ -6,7 +6,7 @@ import argparse
 
 from ..archive.create import CreateOptions
 from ..chunking.base import ChunkerParams
-from ..repository.compression import Compression
+from ..repository.compression import DEFAULT_COMPRESSION, Compression
 from .progress import Progress
 
 
@@ -43,8 +43,8 @@ def add_archive_options(p: argparse.ArgumentParser, stats_help: str = "print sta
                    "(default: fixed,4194304 for files and devices, "
                    "fastcdc,524288,2097152,8388608 for streams)")
     p.add_argument("-C", "--compression", type=Compression.parse,
-                   default=Compression.parse("lz4"), metavar="SPEC",
-                   help="none, lz4 (default), zstd[,L], auto,C[,L]")
+                   default=DEFAULT_COMPRESSION, metavar="SPEC",
+                   help="none, lz4, zstd[,L], auto,C[,L] (default auto,lz4)")
     p.add_argument("--comment", default="")
     p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--upload-connections", type=_connections, default=None, metavar="N",

@@ -167,3 +167,8 @@ def decompress(blob: bytes | memoryview, what: str) -> bytes:
     if len(out) != n:
         raise IntegrityError(f"{what}: decompressed size mismatch")
     return out
+
+
+# by the numbers (bench/README.md): as small as lz4 on real file systems, and on
+# disk images with encrypted or compressed regions it skips almost all lz4 work
+DEFAULT_COMPRESSION = Compression(LZ4, 0, auto=True)
