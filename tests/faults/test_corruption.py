@@ -46,6 +46,9 @@ Base = tuple[dict[str, bytes], dict[str, dict[str, bytes]], dict[str, bytes]]
 def _base(encryption: str, tmp_path, seed: int = 0) -> Base:
     """The repository's objects, the archives' files, and each pack's chunk ids."""
     os.environ["DISKVAULT_CACHE_DIR"] = str(tmp_path / f"cache-base-{encryption}-{seed}")
+    # module scope runs outside conftest's per-test dirs; the seeded repository ids
+    # must not meet the serials another run left in the shared default security dir
+    os.environ["DISKVAULT_SECURITY_DIR"] = str(tmp_path / f"security-{encryption}-{seed}")
     rng = random.Random(encryption if seed == 0 else f"{encryption}-{seed}")
     store = MemoryStore()
     repo = new_repo(store, encryption, pack_size=48 << 10,

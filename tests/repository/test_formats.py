@@ -31,7 +31,7 @@ payloads = st.one_of(
 )
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=payloads, spec=st.sampled_from(SPECS), encrypted=st.booleans())
 def test_object_round_trip(data, spec, encrypted):
     c = codec(encrypted, spec)
@@ -40,7 +40,7 @@ def test_object_round_trip(data, spec, encrypted):
     assert c.open_chunk(cid, blob) == data
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(min_size=1, max_size=2048), encrypted=st.booleans(),
        pos=st.integers(0, 10**6), bit=st.integers(0, 7), cut=st.integers(0, 10**6))
 def test_damaged_object_is_an_integrity_error(data, encrypted, pos, bit, cut):
@@ -70,7 +70,7 @@ def test_encrypted_object_hides_plaintext_and_never_repeats_nonce():
     assert c.open_chunk(cid, c2.seal(cid, data)) == data
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chunks=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=12),
        encrypted=st.booleans())
 def test_pack_round_trip(chunks, encrypted):
@@ -89,7 +89,7 @@ def test_pack_round_trip(chunks, encrypted):
         assert c.open_chunk(e.id, data[e.offset : e.offset + e.length]) == d
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pos=st.integers(0, 10**6), cut=st.integers(0, 10**6), encrypted=st.booleans())
 def test_damaged_pack_is_an_integrity_error(pos, cut, encrypted):
     c = codec(encrypted)
@@ -105,7 +105,7 @@ def test_damaged_pack_is_an_integrity_error(pos, cut, encrypted):
         parse_pack(data[: cut % len(data)], c, None)
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(n=st.integers(0, 300), garbage=st.binary(max_size=200))
 def test_index_round_trip_and_garbage(n, garbage):
     idx = ChunkIndex()
