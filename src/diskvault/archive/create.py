@@ -123,7 +123,7 @@ class _DryWriter:
     def known(self, cid: bytes) -> bool:
         return cid in self.seen or cid in self.repo.index
 
-    def add(self, cid: bytes, blob: Sealed, plain: int) -> bool:
+    def add(self, cid: bytes, blob: Sealed | bytes | bytearray, plain: int) -> bool:
         if self.known(cid):
             return False
         self.seen[cid] = len(blob)
@@ -275,7 +275,7 @@ class ArchiveBuilder:
         if blob is not None and self.writer.add(cid, blob, len(data)):
             self.stats.fingerprints += len(blob)
         if blob is not None and not self.opts.dry_run:
-            self.repo.cache.keep_fp_blob(self.repo.store, cid, blob)
+            self.repo.cache.keep_fp_blob(self.repo.store, cid, bytes(blob))
         if item.fingerprints is None:
             item.fingerprints = []
         item.fingerprints.append(cid)
