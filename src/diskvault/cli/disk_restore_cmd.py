@@ -13,7 +13,7 @@ from ..archive.extract import Damage, damage_lines
 from ..archive.image_target import restore_target
 from ..archive.view import ArchiveView
 from .common import READ, add_common, open_repo, report_warnings, split_location
-from .options import add_progress, make_progress
+from .options import add_restore_options, make_progress
 from .output import fmt_size
 
 
@@ -31,14 +31,10 @@ def register_disk(sub: argparse._SubParsersAction) -> None:
                    help="print what would be written where; write nothing")
     p.add_argument("--force", action="store_true",
                    help="overwrite a target holding another partition table or a filesystem")
-    p.add_argument("--continue-on-error", action="store_true",
-                   help="restore past unreadable chunks: zeros there, every damaged range "
-                   "listed, exit code 1")
     p.add_argument("--image-format", metavar="FMT",
                    help="write TARGET as a VM image of this format (raw, qcow2, vmdk, vhdx, "
                    "vdi); default: by its extension (.qcow2 ...), else raw")
-    p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    add_progress(p)
+    add_restore_options(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("target", metavar="TARGET")
     p.set_defaults(func=run)

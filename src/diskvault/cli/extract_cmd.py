@@ -13,7 +13,7 @@ from ..archive.restore import extract_stdout, extract_tree
 from ..archive.view import ArchiveView, select_items
 from ..errors import UsageError
 from .common import READ, add_common, open_repo, report_warnings, split_location
-from .options import add_progress, make_progress
+from .options import add_restore_options, make_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,11 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", action="store_true",
                    help="create block and character device nodes (without it they are "
                    "skipped with a warning)")
-    p.add_argument("--continue-on-error", action="store_true",
-                   help="restore past unreadable chunks: zeros there, every damaged range "
-                   "listed, exit code 1")
-    p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    add_progress(p)
+    add_restore_options(p)
     p.add_argument("location", metavar="REPO::ARCHIVE")
     p.add_argument("paths", nargs="*", metavar="PATTERN",
                    help="a path (with everything below it) or a glob: *, ?, [...], **; "

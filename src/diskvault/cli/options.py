@@ -35,6 +35,16 @@ def make_progress(args: argparse.Namespace, operation: str) -> Progress | None:
     return Progress(operation, log_json=args.log_json)
 
 
+def add_restore_options(p: argparse.ArgumentParser) -> None:
+    """What every command that writes an archive's content out takes (extract, disk
+    restore)."""
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="restore past unreadable chunks: zeros there, every damaged range "
+                   "listed, exit code 1")
+    p.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    add_progress(p)
+
+
 def add_archive_options(p: argparse.ArgumentParser, stats_help: str = "print statistics"
                         ) -> None:
     """What every command that writes an archive takes (create, disk backup)."""
