@@ -45,7 +45,9 @@ from diskvault.storage.memory import MemoryStore
 
 LIMIT = 64 << 20  # traced bytes one parse may allocate (the format's own caps are higher
 DECOMPRESS_LIMIT = 300 << 20  # only for decompress: objects may be up to 256 MiB)
-FAST = settings(max_examples=150, deadline=2000,
+# derandomize: the same examples on every run (a sweep that fails on some runs only hides
+# a bug); no deadline: wall time on a busy CI machine says nothing (memory is bounded below)
+FAST = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # msgpack values of every kind, nested: what a hostile object decodes to
@@ -241,7 +243,8 @@ def _base_store() -> dict[str, bytes]:
     return _BASE
 
 
-@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(pick=st.integers(0, 10**6), replacement=st.one_of(st.binary(max_size=300),
                                                          values.map(packb)), how=mutations,
        use_mutation=st.booleans())
