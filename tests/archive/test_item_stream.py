@@ -102,7 +102,9 @@ def test_item_list_naming_one_big_chunk_forty_times_runs_in_bounded_memory(tmp_p
     code, err, peak = _peak_rss(["list", f"{repo}::evil"])
     assert code == 2, err
     assert err.decode().count("\n") == 1 and "item" in err.decode(), err
-    assert peak < 400 * MIB, f"list used {peak >> 20} MiB"
+    # bounded by the 256 MiB cap on one item's metadata plus a chunk or two in flight
+    # (measured 117–439 MiB, depending on threads); main before the fix: 2.6 GB
+    assert peak < 640 * MIB, f"list used {peak >> 20} MiB"
 
 
 def test_check_reads_around_an_item_list_of_one_huge_chunk_in_bounded_memory():
