@@ -101,7 +101,7 @@ class _Window:
     """What one window of content became: extents, chunks to store, fingerprints."""
 
     records: list[Record]
-    blobs: list[tuple[bytes, bytes | None, int]] = field(default_factory=list)  # id, blob, plain
+    blobs: list[tuple[bytes, Sealed | None, int]] = field(default_factory=list)  # id, blob, plain
     fps: bytes | None = None
     delta_blocks: int = -1  # ≥ 0: stored as a new delta with this many changed blocks
     parent: bool = False  # reused from the parent
@@ -198,7 +198,7 @@ class ArchiveBuilder:
             if w is not None:
                 return w
         return _Window([(DATA, length, cid, None)],
-                       [(cid, self.repo.codec.seal(cid, data), length)], fps)
+                       [(cid, self.repo.codec.seal_chunk(cid, data), length)], fps)
 
     def _delta(self, pwin: list[Record], length: int, diff: np.ndarray,
                get_block: Callable[[int], bytes | memoryview], fps: bytes) -> _Window | None:
@@ -235,7 +235,7 @@ class ArchiveBuilder:
         order = np.array(sorted(blocks), dtype=np.int64)
         patch = encode_patch(length, order, lambda i: blocks[i])
         pid = self.repo.id_hash(patch)
-        blob = None if self.writer.known(pid) else self.repo.codec.seal(pid, patch)
+        blob = None if self.writer.known(pid) else self.repo.codec.seal_chunk(pid, patch)
         d = Delta(base, (*patches, pid), self.fp.full_id(fps, length), (*spans, span))
         return _Window([(DELTA, length, None, d)], [(pid, blob, len(patch))], fps,
                        delta_blocks=len(diff))
