@@ -299,10 +299,12 @@ def test_create_stores_every_v2_plain_chunk_untagged(tmp_path, second):
              for f in fs]
     objects = 0
     for path in packs:
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
         for e in parse_pack(data, c, os.path.basename(path)):
             objects += 1
             assert data[e.offset] == SUITE_NONE_ID_CHECKED, e
     assert objects >= 3
     out = dv("extract", "--stdout", f"{repo}::{'b' if second else 'a'}", env=env).stdout
-    assert out == open(img, "rb").read()
+    with open(img, "rb") as f:
+        assert out == f.read()
