@@ -90,3 +90,24 @@ def test_changed_ranges_blocks_and_shift():
     s = c.shifted(3 * BLOCK, 48 * BLOCK)
     assert s.blocks_in(0, 48 * BLOCK) == [0, 1, 47]
     assert c.total() == 10 + 2 + 2 * BLOCK + 1
+
+
+@pytest.mark.parametrize("length", [0, 1, BLOCK, 3 * BLOCK + 5, 64 * BLOCK])
+def test_fingerprints_are_the_format_definition(length):
+    """docs/format.md: 8 bytes of BLAKE3, keyed with a key derived from the id key, of
+    each 4 KiB block (a short last block as is) — whatever shortcut computes them, and
+    the same in threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import blake3
+
+    id_key = bytes(range(32))
+    fp = Fingerprinter(id_key)
+    key = blake3.blake3(id_key, derive_key_context="diskvault 2 block fingerprint").digest()
+    data = random.Random(length).randbytes(length)
+    want = b"".join(blake3.blake3(data[i : i + BLOCK], key=key).digest(8)
+                    for i in range(0, length, BLOCK))
+    assert fp.blocks(data) == want
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(fp.blocks, [data] * 8)) == {want}
+    assert fp.zeros(length) == fp.blocks(bytes(length))

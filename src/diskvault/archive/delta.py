@@ -68,9 +68,17 @@ class Fingerprinter:
 
     def blocks(self, data: bytes | bytearray | memoryview) -> bytes:
         """The fingerprints of every 4 KiB block of ``data`` (a short last block as is)."""
-        mv, key, h = memoryview(data), self._fp_key, blake3.blake3
-        return b"".join([h(mv[i : i + BLOCK], key=key, max_threads=1).digest(FP_LEN)
-                         for i in range(0, len(mv), BLOCK)])
+        # one keyed hasher, reset per block: a new keyed hasher per block costs a key
+        # parse and two objects, ~20 % of the CPU this loop takes (a million blocks in
+        # 4 GiB); a hasher per call keeps the worker threads apart
+        mv, h = memoryview(data), blake3.blake3(key=self._fp_key, max_threads=1)
+        reset, update, digest = h.reset, h.update, h.digest
+        out = []
+        for i in range(0, len(mv), BLOCK):
+            reset()
+            update(mv[i : i + BLOCK])
+            out.append(digest(FP_LEN))
+        return b"".join(out)
 
     def zeros(self, length: int) -> bytes:
         """Fingerprints of ``length`` zero bytes (zero and unused runs)."""
