@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import re
+import signal
 import socket
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -106,6 +108,17 @@ def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterat
         yield repo
     finally:
         repo.close()
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """For a command serving on the running event loop until told to stop (serve-nbd,
+    instant-restore): SIGINT, SIGTERM and SIGHUP call ``stop`` so that it shuts down
+    cleanly; SIGPIPE is ignored again (main() lets it kill the process, for `| head`), as
+    a client that hangs up while a reply is written must end only its own connection."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

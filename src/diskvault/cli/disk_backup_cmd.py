@@ -12,11 +12,9 @@ import argparse
 import contextlib
 import sys
 
-from ..archive.create import refuse_taken_name
 from ..archive.disk import DiskSource, backup_disk, plan_backup
 from ..errors import UsageError, Warning_
 from ..source.disks import find_by_serial
-from ..source.pointintime import PointInTime
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .info_cmd import format_disk_items
 from .options import add_archive_options, create_options, make_progress
@@ -24,9 +22,9 @@ from .output import report_archive
 from .parent_opts import add_parent_options, apply_parent_options
 from .pointintime_opts import (
     add_point_in_time,
+    enter_point_in_time,
     point_in_time_options,
     print_notes,
-    protected_paths,
 )
 
 
@@ -86,16 +84,11 @@ def run(args: argparse.Namespace) -> int:
     progress = make_progress(args, "disk backup")
     opts = create_options(args, progress)
     pit_opts = point_in_time_options(args)
-    pit = None
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         with contextlib.ExitStack() as stack:
-            if pit_opts.active:
-                refuse_taken_name(repo, name)  # an existing name stops us before a pre-command
-                # taken before the disk is opened: the table and block maps are read from
-                # the point in time too
-                pit = stack.enter_context(
-                    PointInTime(pit_opts, [path], protected_paths(repo_loc)))
-                opts.before_commit = pit.check
+            # taken before the disk is opened: the table and block maps are read from the
+            # point in time too
+            pit = enter_point_in_time(stack, pit_opts, [path], repo_loc, repo, name, opts)
             src = DiskSource.open(pit.path(path) if pit else path, args.image_format)
             src.path = path  # the archive names the disk, not its snapshot
             try:
