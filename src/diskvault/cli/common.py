@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
 from ..storage.url import mask, open_store
+from . import log
 
 READ, WRITE, EXCLUSIVE_LOCK = "read", "write", "exclusive"
 
@@ -93,9 +93,8 @@ def warn_unencrypted(repo: Repository) -> None:
     """A passphrase set for a repository met unencrypted for the first time: the user
     expects encryption, and whoever holds the storage may have replaced it."""
     if repo.first_contact and repo.encryption == "none" and passphrase_is_set():
-        sys.stderr.write(f"diskvault: warning: {repo.store.location} is not encrypted, but a "
-                         "passphrase is set: if you created it encrypted, its storage has "
-                         "been tampered with\n")
+        log.warning(f"{repo.store.location} is not encrypted, but a passphrase is set: if "
+                    "you created it encrypted, its storage has been tampered with")
 
 
 @contextmanager
@@ -160,5 +159,5 @@ def percent(lo: float, hi: float, lo_ok: bool, hi_ok: bool):
 def report_warnings(lines: list[str]) -> int:
     """Print each warning as one line on stderr; the exit code: 1 if any (Borg's rule)."""
     for line in lines:
-        sys.stderr.write(f"diskvault: warning: {line}\n")
+        log.warning(line)
     return 1 if lines else 0

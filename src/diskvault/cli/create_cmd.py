@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 
 from ..archive.create import create_archive, refuse_taken_name
 from ..errors import UsageError
 from ..source.paths import CommandSource, Source, SourceOptions, stdin_source, walk
 from ..source.pointintime import PointInTime, walk_at
+from . import log
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .options import add_archive_options, create_options, make_progress
 from .output import report_archive
@@ -84,7 +84,7 @@ def _warn(sources: Iterator[Source], warnings: list[str]) -> Iterator[Source]:
     """Say what a source needs said as it is opened, before its content is read."""
     for src in sources:
         if src.warning:
-            sys.stderr.write(f"diskvault: warning: {src.warning}\n")
+            log.warning(src.warning)
             warnings.append(src.warning)
         yield src
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 
 from ..archive.disk import DiskSource, backup_disk, plan_backup
 from ..errors import UsageError, Warning_
 from ..source.disks import find_by_serial
+from . import log
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .info_cmd import format_disk_items
 from .options import add_archive_options, create_options, make_progress
@@ -60,8 +60,8 @@ def location_and_device(args: argparse.Namespace) -> tuple[str, str | None]:
     still works, with a warning. The location is the argument that names an archive."""
     first, second = args.location, args.device
     if second is not None and "::" not in first and "::" in second:
-        sys.stderr.write("diskvault: warning: `disk backup DEVICE REPO::ARCHIVE` is "
-                         "deprecated: write `disk backup REPO::ARCHIVE DEVICE`, like create\n")
+        log.warning("`disk backup DEVICE REPO::ARCHIVE` is deprecated: write "
+                    "`disk backup REPO::ARCHIVE DEVICE`, like create")
         return second, first
     return first, second
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 plan = plan_backup(src, skip_unused=args.skip_unused,
                                    keep_unpartitioned=args.keep_unpartitioned)
                 for w in plan.warnings:  # before the long read, so the user can still stop it
-                    sys.stderr.write(f"diskvault: warning: {w}\n")
+                    log.warning(w)
                 apply_parent_options(args, repo, opts, _source_id(plan.disk_meta()),
                                      plan.source.size)
                 result = backup_disk(repo, name, plan, opts)

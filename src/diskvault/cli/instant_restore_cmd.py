@@ -14,6 +14,7 @@ from ..archive.reader import ItemReader, open_archive_readers
 from ..errors import TargetError, UsageError
 from ..serve import instant
 from ..serve.nbd import Export, NbdServer
+from . import log
 from .common import READ, add_common, open_repo, parse_size, split_location, stop_on_signals
 from .options import add_progress, make_progress
 from .progress import Progress
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve_and_copy(reader: ItemReader, plan: instant.Plan,
                           progress: Progress | None) -> None:
-    server = NbdServer([Export(reader.path, reader)], reader.path)
+    server = NbdServer([Export(reader.path, reader)], reader.path,
+                       log=lambda msg: log.info(f"instant-restore: {msg}"))
     stop = threading.Event()
     stop_on_signals(stop.set)
     try:

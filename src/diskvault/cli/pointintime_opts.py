@@ -14,6 +14,7 @@ from ..archive.create import CreateOptions, refuse_taken_name
 from ..repository.repo import Repository, keys_dir
 from ..repository.security import cache_dir, security_dir
 from ..source.pointintime import PointInTime, PointInTimeOptions
+from . import log
 
 
 def add_point_in_time(p: argparse.ArgumentParser) -> None:
@@ -70,4 +71,4 @@ def protected_paths(repo_loc: str) -> dict[str, str]:
 
 def print_notes(notes: list[str]) -> None:
     for n in notes:
-        sys.stderr.write(f"diskvault: {n}\n")
+        log.info(n)

@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import ipaddress
 import os
-import sys
 
 from ..archive.reader import DEFAULT_CACHE_BYTES, open_archive_readers
 from ..errors import UsageError
 from ..serve.nbd import Export, NbdServer
+from . import log
 from .common import READ, add_common, open_repo, parse_size, split_location, stop_on_signals
 
 DEFAULT_PORT = 10809
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
         elif (d := ar.default()) is not None:
             default = d.path
         exports = [Export(n, r, f"{name}: {n}") for n, r in readers.items()]
-        server = NbdServer(exports, default)
+        server = NbdServer(exports, default, log=lambda msg: log.info(f"serve-nbd: {msg}"))
         if args.socket is None and not _is_loopback(args.bind):
-            sys.stderr.write(f"diskvault: warning: serving {name!r} on {args.bind} to anyone "
-                             "who can reach it: NBD has no authentication or encryption\n")
+            log.warning(f"serving {name!r} on {args.bind} to anyone who can reach it: NBD "
+                        "has no authentication or encryption")
         asyncio.run(_serve(server, args))
     return 0
 
