@@ -503,7 +503,7 @@ class SftpStore(Store):
                             yield name, e
                 level = subdirs
 
-    def _listdir(self, rel: str) -> list[paramiko.SFTPAttributes]:
+    def _listdir(self, rel: str) -> Sequence[paramiko.SFTPAttributes]:
         try:
             # hold a channel per directory, not across the caller's loop body
             with self._sftp("list", rel or "/") as c:
