@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from diskvault.storage.local import LocalStore
+
 # the CLI as tests run it: tests/dv_entry.py (a weak KDF, test-only), else as users do
 DV_ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dv_entry.py")
 DV = [sys.executable, DV_ENTRY]
@@ -120,3 +122,18 @@ def init_repo(path: str, encryption: str = "none", *extra: str,
 
 def allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
+
+
+class CountingStore(LocalStore):
+    """A local store that records the name of every object it loads, so a test can assert
+    what a command downloaded. ``remote=True`` makes it pass for a store across a network:
+    the local cache then keeps archive metadata and block fingerprints for it."""
+
+    def __init__(self, path: str, remote: bool = False) -> None:
+        super().__init__(path)
+        self.remote = remote
+        self.loads: list[str] = []
+
+    def load(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
+        self.loads.append(name)
+        return super().load(name, offset, size)

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from support import dv, sha256_file
+from support import CountingStore, dv, sha256_file
 
 BLOCK = 4096
 MiB = 1 << 20
@@ -381,22 +381,10 @@ def test_second_backup_downloads_no_pack_data_with_the_fingerprint_cache(tmp_pat
     from diskvault.archive.parent import ParentArchive
     from diskvault.repository.repo import Repository
     from diskvault.source.paths import SourceOptions, walk
-    from diskvault.storage.local import LocalStore
-
-    class RemoteLike(LocalStore):
-        remote = True
-
-        def __init__(self, path: str) -> None:
-            super().__init__(path)
-            self.loads: list[str] = []
-
-        def load(self, name, offset=0, size=None):
-            self.loads.append(name)
-            return super().load(name, offset, size)
 
     img = tmp_path / "vm.img"
     make_image(img, 16 * MiB, 16 * MiB, seed=19)
-    store = RemoteLike(str(tmp_path / "repo"))
+    store = CountingStore(str(tmp_path / "repo"), remote=True)
     repo = Repository.init(store, "repokey", lambda _c: "pw")
     create_archive(repo, "a1", walk([str(img)], SourceOptions()), CreateOptions())
     repo.close()

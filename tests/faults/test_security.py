@@ -149,7 +149,40 @@ def test_replaced_key_is_refused(victim, tmp_path):
     codec = ObjectCodec(AesGcmCipher(km.enc_key), IdHasher(km.id_key), Compression.parse("lz4"))
     m = Manifest(serial=10**12, config_hash=blake3.blake3(config_raw).digest())
     _write(f"{path}/manifest", codec.seal(MANIFEST_AAD, m.to_bytes()))
-    _one_error(dv("list", path, env=env, check=False), "key is not the one", "refused")
+    opened = dv("list", path, env=env, check=False)
+    _one_error(opened, "key is not the one", "refused")
+    # nor is the planted key exported as if it were the repository's: the same message
+    out = tmp_path / "exported-key"
+    r = dv("key", "export", path, str(out), env=env, check=False)
+    _one_error(r, "key is not the one", "refused")
+    assert r.stderr == opened.stderr and not out.exists()
+    r = dv("key", "export", "--paper", path, env=env, check=False)
+    _one_error(r, "key is not the one")
+    assert r.stdout == b""
+
+
+def test_key_export_knows_the_genuine_key_without_a_passphrase(victim, tmp_path):
+    """The wrapped key last seen to open the repository is exported without asking;
+    one wrapped anew by another client (a new passphrase) is unwrapped once and its
+    fingerprint compared, then recognised."""
+    path, env, _ = victim("repokey")
+    assert "DISKVAULT_PASSPHRASE" not in os.environ
+    first = dv("key", "export", path, input=b"").stdout  # stdin not a terminal: no prompt
+    assert first.startswith(b"DISKVAULT KEY ")
+    other = {**env, "DISKVAULT_SECURITY_DIR": str(tmp_path / "other-client"),
+             "DISKVAULT_NEW_PASSPHRASE": "new secret"}
+    dv("key", "change-passphrase", path, env=other)
+    _one_error(dv("key", "export", path, input=b"", check=False), "a passphrase is needed")
+    r = dv("key", "export", path, env={"DISKVAULT_PASSPHRASE": "new secret"})
+    assert r.stdout.startswith(b"DISKVAULT KEY ") and r.stdout != first
+    assert dv("key", "export", path, input=b"").stdout == r.stdout
+    # a passphrase this client changed itself needs no unwrapping either
+    dv("key", "change-passphrase", path, env={"DISKVAULT_PASSPHRASE": "new secret",
+                                               "DISKVAULT_NEW_PASSPHRASE": "third"})
+    third = dv("key", "export", path, input=b"").stdout
+    assert third not in (first, r.stdout)
+    r = dv("list", "--format", "{archive}{NL}", path, env={"DISKVAULT_PASSPHRASE": "third"})
+    assert r.stdout == b"a1\n"
 
 
 def test_unknown_unencrypted_repository_warns_when_a_passphrase_is_set(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from support import CountingStore
+
 from diskvault.archive.create import CreateOptions, create_archive
 from diskvault.repository.cache import RepoCache
 from diskvault.repository.index import ChunkIndex
@@ -11,16 +13,6 @@ from diskvault.repository.repo import Repository
 from diskvault.source.content import StreamContent
 from diskvault.source.paths import Meta, Source
 from diskvault.storage.local import LocalStore
-
-
-class CountingStore(LocalStore):
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.loads: list[str] = []
-
-    def load(self, name, offset=0, size=None):
-        self.loads.append(name)
-        return super().load(name, offset, size)
 
 
 def backup(repo: Repository, name: str, data: bytes) -> None:
@@ -82,12 +74,8 @@ def test_cache_drops_packs_that_vanished(tmp_path):
     repo.close()
 
 
-class RemoteLikeStore(LocalStore):
-    remote = True  # archive metadata is cached only for stores across a network
-
-
 def test_archive_blob_cache_is_still_authenticated(tmp_path):
-    store = RemoteLikeStore(str(tmp_path / "repo"))
+    store = CountingStore(str(tmp_path / "repo"), remote=True)  # metadata is cached if remote
     repo = Repository.init(store, "repokey", lambda c: "pw")
     backup(repo, "a", b"hello" * 1000)
     ref = repo.manifest.archives["a"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import re
+import signal
 import socket
-import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -19,6 +20,7 @@ from ..errors import UsageError
 from ..repository.lock import EXCLUSIVE, SHARED
 from ..repository.repo import Repository
 from ..storage.url import mask, open_store
+from . import log
 
 READ, WRITE, EXCLUSIVE_LOCK = "read", "write", "exclusive"
 
@@ -91,9 +93,8 @@ def warn_unencrypted(repo: Repository) -> None:
     """A passphrase set for a repository met unencrypted for the first time: the user
     expects encryption, and whoever holds the storage may have replaced it."""
     if repo.first_contact and repo.encryption == "none" and passphrase_is_set():
-        sys.stderr.write(f"diskvault: warning: {repo.store.location} is not encrypted, but a "
-                         "passphrase is set: if you created it encrypted, its storage has "
-                         "been tampered with\n")
+        log.warning(f"{repo.store.location} is not encrypted, but a passphrase is set: if "
+                    "you created it encrypted, its storage has been tampered with")
 
 
 @contextmanager
@@ -106,6 +107,17 @@ def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterat
         yield repo
     finally:
         repo.close()
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """For a command serving on the running event loop until told to stop (serve-nbd,
+    instant-restore): SIGINT, SIGTERM and SIGHUP call ``stop`` so that it shuts down
+    cleanly; SIGPIPE is ignored again (main() lets it kill the process, for `| head`), as
+    a client that hangs up while a reply is written must end only its own connection."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -147,5 +159,5 @@ def percent(lo: float, hi: float, lo_ok: bool, hi_ok: bool):
 def report_warnings(lines: list[str]) -> int:
     """Print each warning as one line on stderr; the exit code: 1 if any (Borg's rule)."""
     for line in lines:
-        sys.stderr.write(f"diskvault: warning: {line}\n")
+        log.warning(line)
     return 1 if lines else 0

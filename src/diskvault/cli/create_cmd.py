@@ -5,22 +5,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 
 from ..archive.create import create_archive, refuse_taken_name
 from ..errors import UsageError
 from ..source.paths import CommandSource, Source, SourceOptions, stdin_source, walk
 from ..source.pointintime import PointInTime, walk_at
+from . import log
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .options import add_archive_options, create_options, make_progress
 from .output import report_archive
 from .parent_opts import add_parent_options, apply_parent_options
 from .pointintime_opts import (
     add_point_in_time,
+    enter_point_in_time,
     point_in_time_options,
     print_notes,
-    protected_paths,
 )
 
 
@@ -63,19 +63,12 @@ def run(args: argparse.Namespace) -> int:
     files = [] if args.content_from_command else [p for p in args.paths if p != "-"]
     if (pit_opts.snapshot or pit_opts.fsfreeze) and not files:
         raise UsageError("--snapshot and --fsfreeze need PATHs to back up")
-    pit = None
     warnings: list[str] = []
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         refuse_taken_name(repo, name)  # before the parent is loaded or a byte is read
         apply_parent_options(args, repo, opts, _source_id(args))
         with contextlib.ExitStack() as stack:
-            if pit_opts.active:
-                # a taken name must stop us before the pre-command (without one,
-                # create_archive refuses it before a source is opened: they open lazily)
-                refuse_taken_name(repo, name)
-                pit = stack.enter_context(
-                    PointInTime(pit_opts, files, protected_paths(repo_loc)))
-                opts.before_commit = pit.check
+            pit = enter_point_in_time(stack, pit_opts, files, repo_loc, repo, name, opts)
             meta, _ = create_archive(repo, name, _warn(_sources(args, pit), warnings), opts)
         if progress:
             progress.done(int(meta["stats"]["original"]))
@@ -91,7 +84,7 @@ def _warn(sources: Iterator[Source], warnings: list[str]) -> Iterator[Source]:
     """Say what a source needs said as it is opened, before its content is read."""
     for src in sources:
         if src.warning:
-            sys.stderr.write(f"diskvault: warning: {src.warning}\n")
+            log.warning(src.warning)
             warnings.append(src.warning)
         yield src
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 
-from ..archive.create import refuse_taken_name
 from ..archive.disk import DiskSource, backup_disk, plan_backup
 from ..errors import UsageError, Warning_
 from ..source.disks import find_by_serial
-from ..source.pointintime import PointInTime
+from . import log
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .info_cmd import format_disk_items
 from .options import add_archive_options, create_options, make_progress
@@ -24,9 +22,9 @@ from .output import report_archive
 from .parent_opts import add_parent_options, apply_parent_options
 from .pointintime_opts import (
     add_point_in_time,
+    enter_point_in_time,
     point_in_time_options,
     print_notes,
-    protected_paths,
 )
 
 
@@ -62,8 +60,8 @@ def location_and_device(args: argparse.Namespace) -> tuple[str, str | None]:
     still works, with a warning. The location is the argument that names an archive."""
     first, second = args.location, args.device
     if second is not None and "::" not in first and "::" in second:
-        sys.stderr.write("diskvault: warning: `disk backup DEVICE REPO::ARCHIVE` is "
-                         "deprecated: write `disk backup REPO::ARCHIVE DEVICE`, like create\n")
+        log.warning("`disk backup DEVICE REPO::ARCHIVE` is deprecated: write "
+                    "`disk backup REPO::ARCHIVE DEVICE`, like create")
         return second, first
     return first, second
 
@@ -86,23 +84,18 @@ def run(args: argparse.Namespace) -> int:
     progress = make_progress(args, "disk backup")
     opts = create_options(args, progress)
     pit_opts = point_in_time_options(args)
-    pit = None
     with open_repo(repo_loc, WRITE, args.lock_wait) as repo:
         with contextlib.ExitStack() as stack:
-            if pit_opts.active:
-                refuse_taken_name(repo, name)  # an existing name stops us before a pre-command
-                # taken before the disk is opened: the table and block maps are read from
-                # the point in time too
-                pit = stack.enter_context(
-                    PointInTime(pit_opts, [path], protected_paths(repo_loc)))
-                opts.before_commit = pit.check
+            # taken before the disk is opened: the table and block maps are read from the
+            # point in time too
+            pit = enter_point_in_time(stack, pit_opts, [path], repo_loc, repo, name, opts)
             src = DiskSource.open(pit.path(path) if pit else path, args.image_format)
             src.path = path  # the archive names the disk, not its snapshot
             try:
                 plan = plan_backup(src, skip_unused=args.skip_unused,
                                    keep_unpartitioned=args.keep_unpartitioned)
                 for w in plan.warnings:  # before the long read, so the user can still stop it
-                    sys.stderr.write(f"diskvault: warning: {w}\n")
+                    log.warning(w)
                 apply_parent_options(args, repo, opts, _source_id(plan.disk_meta()),
                                      plan.source.size)
                 result = backup_disk(repo, name, plan, opts)

@@ -6,12 +6,12 @@ Registered by disk_backup_cmd (the `disk` group loads that module by name).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..archive.disk_restore import DiskArchive, describe, execute
 from ..archive.extract import Damage, damage_lines
 from ..archive.image_target import restore_target
 from ..archive.view import ArchiveView
+from . import log
 from .common import READ, add_common, open_repo, report_warnings, split_location
 from .options import add_restore_options, make_progress
 from .output import fmt_size
@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
             if progress:
                 progress.done()
     if args.progress:
-        sys.stderr.write(f"restored {fmt_size(plan.size)} onto {args.target}: "
-                         f"{fmt_size(result.written)} written, {fmt_size(result.blank)} "
-                         "zero/unused\n")
+        log.info(f"restored {fmt_size(plan.size)} onto {args.target}: "
+                 f"{fmt_size(result.written)} written, {fmt_size(result.blank)} zero/unused")
     return report_warnings(damage_lines(damage or []))

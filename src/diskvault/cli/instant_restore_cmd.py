@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -15,7 +14,8 @@ from ..archive.reader import ItemReader, open_archive_readers
 from ..errors import TargetError, UsageError
 from ..serve import instant
 from ..serve.nbd import Export, NbdServer
-from .common import READ, add_common, open_repo, parse_size, split_location
+from . import log
+from .common import READ, add_common, open_repo, parse_size, split_location, stop_on_signals
 from .options import add_progress, make_progress
 from .progress import Progress
 
@@ -85,22 +85,16 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve_and_copy(reader: ItemReader, plan: instant.Plan,
                           progress: Progress | None) -> None:
-    server = NbdServer([Export(reader.path, reader)], reader.path)
+    server = NbdServer([Export(reader.path, reader)], reader.path,
+                       log=lambda msg: log.info(f"instant-restore: {msg}"))
     stop = threading.Event()
-    loop = asyncio.get_running_loop()
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client hanging up ends its connection
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop.set)
     try:
         await server.listen_unix(plan.nbd_socket)
-        await loop.run_in_executor(None, instant.run, plan, stop,
-                                   progress or (lambda done, total: None))
+        await asyncio.get_running_loop().run_in_executor(
+            None, instant.run, plan, stop, progress or (lambda done, total: None))
     finally:
         if progress:
             progress.done()
-        await server.close()
-        try:
-            os.unlink(plan.nbd_socket)
-        except OSError:
-            pass
+        await server.close()  # removes the socket file too
         sys.stderr.flush()

@@ -8,9 +8,13 @@ import sys
 
 from ..crypto.passphrase import get_replacement_passphrase
 from ..errors import UsageError
-from ..repository.keymanage import change_passphrase, export_text, import_key, load_key_blob
+from ..repository.keymanage import (
+    change_passphrase,
+    export_text,
+    genuine_key_blob,
+    import_key,
+)
 from ..repository.lock import SHARED, Lock
-from ..repository.repo import Repository
 from ..storage.url import open_store
 from .common import WRITE, add_common, open_repo, passphrase_fn, split_location
 
@@ -41,10 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     repo_loc, _ = split_location(args.location, need_archive=False)
-    # the key is exported as stored: no passphrase needed, and none is revealed
-    store = open_store(repo_loc)
-    config, _ = Repository.read_config(store)
-    text = export_text(load_key_blob(store, config), config["repo_id"], args.paper)
+    # the key is exported as stored (wrapped: no secret is revealed); the passphrase is
+    # asked for only when the key is not the one this client last saw open the repository
+    with open_store(repo_loc) as store:
+        repo_id, blob = genuine_key_blob(store, passphrase_fn)
+    text = export_text(blob, repo_id, args.paper)
     if args.file and args.file != "-":
         fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

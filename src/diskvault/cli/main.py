@@ -31,6 +31,7 @@ from . import (
     key_cmd,
     list_cmd,
     lock_cmd,
+    log,
     mount_cmd,
     prune_cmd,
     rename_cmd,
@@ -49,18 +50,34 @@ COMMANDS = [
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"diskvault: error: {message}\n")
+        log.error(message)
         sys.exit(2)
+
+
+LOG_JSON_HELP = "write warnings, notes, errors and progress as JSON lines (Borg's format)"
+
+
+def _add_log_json(parser: argparse.ArgumentParser) -> None:
+    """--log-json on every (sub)command, as Borg's common option; SUPPRESS keeps a
+    subcommand from resetting what was given before the command name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in set(action.choices.values()):
+                p.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
+                               help=LOG_JSON_HELP)
+                _add_log_json(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diskvault", description="Deduplicating backup of disks and images")
     parser.add_argument("-V", "--version", action="version", version=f"diskvault {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--log-json", action="store_true", help=LOG_JSON_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for mod in COMMANDS:
         mod.register(sub)
+    _add_log_json(parser)
     return parser
 
 
@@ -89,27 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     # a closed pipe (`| head`) ends the output quietly instead of a BrokenPipeError trace
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     debug = bool(os.environ.get("DISKVAULT_DEBUG")) or "--debug" in (argv or sys.argv)
+    # before parsing: a usage error is a JSON line too when --log-json was asked for
+    log.configure("--log-json" in (argv or sys.argv[1:]))
     try:
         args = build_parser().parse_args(argv)
+        log.configure(args.log_json)
         if getattr(args, "rsh", None) is not None:  # read where an SFTP store is opened
             os.environ[RSH_ENV] = args.rsh
         return int(args.func(args) or 0)
     except DiskvaultError as e:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"diskvault: {'warning' if e.exit_code == 1 else 'error'}: {e}\n")
+        (log.warning if e.exit_code == 1 else log.error)(str(e))
         return e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("diskvault: error: interrupted\n")
+        log.error("interrupted")
         return 2
     except MemoryError:
-        sys.stderr.write("diskvault: error: out of memory\n")
+        log.error("out of memory")
         return 2
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a trace
         if debug:
             traceback.print_exc()
-        sys.stderr.write(
-            f"diskvault: error: internal error: {type(e).__name__}: {e} "
-            "(run with --debug for details)\n"
-        )
+        log.error(f"internal error: {type(e).__name__}: {e} (run with --debug for details)")
         return 2

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import DiskvaultError, MountError, UsageError
+from . import log
 from .common import READ, add_common, open_repo, split_location
 
 if TYPE_CHECKING:
@@ -65,12 +66,8 @@ def run(args: argparse.Namespace) -> int:
         tty = os.dup(2)
         _stderr_to(lambda line: os.write(tty, line))
         logging.basicConfig(level=logging.INFO, format="diskvault: %(message)s")
-
-        def note(msg: str) -> None:
-            sys.stderr.write(f"diskvault: {msg}\n")
-
         _serve(repo_loc, archive, mountpoint, fuse_opts, cache, args.lock_wait,
-               lambda: None, note)
+               lambda: None, log.info)
         return 0
     return _daemon(repo_loc, archive, mountpoint, fuse_opts, cache, args.lock_wait)
 
@@ -87,7 +84,7 @@ def _daemon(repo_loc: str, archive: str | None, mountpoint: str,
             for line in r:
                 kind, text = line[:1], line[1:].decode(errors="replace").rstrip("\n")
                 if kind == _NOTE:
-                    sys.stderr.write(f"diskvault: {text}\n")
+                    log.relay(text)  # the child's notes, and its stderr lines
                 elif kind == _READY:
                     return 0
                 elif kind == _ERROR:

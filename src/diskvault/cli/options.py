@@ -23,9 +23,7 @@ def _connections(s: str) -> int:
 def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--progress", action="store_true",
                    help="show progress: a live line on a terminal, otherwise a plain line "
-                   "every few seconds (JSON lines with --log-json)")
-    p.add_argument("--log-json", action="store_true",
-                   help="write progress as JSON lines (Borg's progress_percent records)")
+                   "every few seconds (Borg's progress_percent JSON lines with --log-json)")
 
 
 def make_progress(args: argparse.Namespace, operation: str) -> Progress | None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..archive.create import CreateOptions
 from ..archive.parent import ChangedRanges, ParentArchive, find_parent
 from ..errors import UsageError
 from ..repository.repo import Repository
+from . import log
 
 
 def add_parent_options(p: argparse.ArgumentParser) -> None:
@@ -37,8 +37,8 @@ def apply_parent_options(args: argparse.Namespace, repo: Repository, opts: Creat
         if args.parent or changed is not None:
             if changed is not None:
                 raise UsageError("--changed-extents needs a format version 2 repository")
-            sys.stderr.write("diskvault: note: delta extents need a format version 2 "
-                             "repository; storing changed windows whole\n")
+            log.note("delta extents need a format version 2 repository; storing changed "
+                     "windows whole")
         return
     if args.no_parent:
         return

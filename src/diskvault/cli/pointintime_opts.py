@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 import diskvault
 
-from ..repository.repo import keys_dir
+from ..archive.create import CreateOptions, refuse_taken_name
+from ..repository.repo import Repository, keys_dir
 from ..repository.security import cache_dir, security_dir
-from ..source.pointintime import PointInTimeOptions
+from ..source.pointintime import PointInTime, PointInTimeOptions
+from . import log
 
 
 def add_point_in_time(p: argparse.ArgumentParser) -> None:
@@ -35,6 +38,20 @@ def point_in_time_options(args: argparse.Namespace) -> PointInTimeOptions:
                               pre_command=args.pre_command, post_command=args.post_command)
 
 
+def enter_point_in_time(stack: contextlib.ExitStack, pit_opts: PointInTimeOptions,
+                        paths: list[str], repo_loc: str, repo: Repository, name: str,
+                        opts: CreateOptions) -> PointInTime | None:
+    """Take the point in time the options ask for (None if they ask for none), undone when
+    ``stack`` closes. A taken archive name stops us before a pre-command runs; the archive
+    is committed only if the point in time still holds then (a freeze past its deadline)."""
+    if not pit_opts.active:
+        return None
+    refuse_taken_name(repo, name)
+    pit = stack.enter_context(PointInTime(pit_opts, paths, protected_paths(repo_loc)))
+    opts.before_commit = pit.check
+    return pit
+
+
 def protected_paths(repo_loc: str) -> dict[str, str]:
     """What diskvault needs while a freeze lasts (so must not be frozen)."""
     out = {
@@ -54,4 +71,4 @@ def protected_paths(repo_loc: str) -> dict[str, str]:
 
 def print_notes(notes: list[str]) -> None:
     for n in notes:
-        sys.stderr.write(f"diskvault: {n}\n")
+        log.info(n)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import os
-import signal
-import sys
 
 from ..archive.reader import DEFAULT_CACHE_BYTES, open_archive_readers
 from ..errors import UsageError
 from ..serve.nbd import Export, NbdServer
-from .common import READ, add_common, open_repo, parse_size, split_location
+from . import log
+from .common import READ, add_common, open_repo, parse_size, split_location, stop_on_signals
 
 DEFAULT_PORT = 10809
 
@@ -52,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
         elif (d := ar.default()) is not None:
             default = d.path
         exports = [Export(n, r, f"{name}: {n}") for n, r in readers.items()]
-        server = NbdServer(exports, default)
+        server = NbdServer(exports, default, log=lambda msg: log.info(f"serve-nbd: {msg}"))
         if args.socket is None and not _is_loopback(args.bind):
-            sys.stderr.write(f"diskvault: warning: serving {name!r} on {args.bind} to anyone "
-                             "who can reach it: NBD has no authentication or encryption\n")
+            log.warning(f"serving {name!r} on {args.bind} to anyone who can reach it: NBD "
+                        "has no authentication or encryption")
         asyncio.run(_serve(server, args))
     return 0
 
@@ -71,18 +69,11 @@ def _is_loopback(host: str) -> bool:
 
 async def _serve(server: NbdServer, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # main() lets SIGPIPE kill the process (for `| head`); a client that hangs up while
-    # a reply is being written must only end its own connection
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
-    listening_on: str | None = None  # our socket file, removed when we stop
+    stop_on_signals(stop.set)
     try:
         if args.socket is not None:
             path = os.path.abspath(args.socket)
             await server.listen_unix(path)
-            listening_on = path
             uri = f"nbd+unix:///?socket={path}"
         else:
             try:
@@ -95,7 +86,4 @@ async def _serve(server: NbdServer, args: argparse.Namespace) -> None:
         print(uri, flush=True)
         await stop.wait()
     finally:
-        await server.close()
-        if listening_on is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(listening_on)
+        await server.close()  # removes our socket file too

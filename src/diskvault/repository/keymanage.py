@@ -21,8 +21,9 @@ from ..crypto.keys import (
     unwrap_key,
     wrap_key,
 )
-from ..errors import IntegrityError, KeyFileMissing, ObjectMissing, UsageError
+from ..errors import IntegrityError, UsageError
 from ..storage.base import Store
+from . import security
 from .repo import PassphraseFn, Repository, keyfile_path
 
 PAPER_HEADER = "DISKVAULT PAPER KEY"
@@ -34,20 +35,28 @@ def _line_sum(n: int, chunk: bytes) -> str:
 
 
 def load_key_blob(store: Store, config: dict) -> bytes:
-    mode = config["encryption"]
-    if mode == "none":
+    if config["encryption"] == "none":
         raise UsageError("this repository is not encrypted: it has no key")
-    if mode == "repokey":
-        try:
-            return store.load("keys/repokey")
-        except ObjectMissing:
-            raise IntegrityError("repository key (keys/repokey) is missing") from None
-    path = keyfile_path(config["repo_id"])
-    try:
-        with open(path) as f:
-            return parse_keyfile_text(f.read())[1]
-    except FileNotFoundError:
-        raise KeyFileMissing(path) from None
+    return Repository.key_blob(store, config)
+
+
+def genuine_key_blob(store: Store, passphrase_fn: PassphraseFn) -> tuple[bytes, bytes]:
+    """(repo id, wrapped key) for ``key export``, refused as the open path refuses it
+    when it is not the key this client used before (security.py): a storage attacker's
+    key must not be exported as if it were genuine. The wrapped key last seen to open
+    the repository passes without a passphrase; any other (a new passphrase set by
+    another client, a planted key) is unwrapped and its fingerprint compared."""
+    config, _ = Repository.read_config(store)
+    repo_id, mode = config["repo_id"], config["encryption"]
+    known = security.load(repo_id)
+    security.check_identity(repo_id, known, mode, None, store.location)
+    blob = load_key_blob(store, config)
+    if known is None or not known.fingerprint or known.key_blob == security.blob_digest(blob):
+        return repo_id, blob  # first contact: nothing to compare with (as on open)
+    km = unwrap_key(blob, repo_id, passphrase_fn(False))
+    security.check_identity(repo_id, known, mode, km.fingerprint(), store.location)
+    security.remember(repo_id, key_blob=blob)
+    return repo_id, blob
 
 
 def save_key_blob(store: Store, config: dict, blob: bytes) -> str:
@@ -131,4 +140,6 @@ def import_key(store: Store, text: str, passphrase_fn: PassphraseFn) -> str:
 def change_passphrase(repo: Repository, new_passphrase: str) -> str:
     """Re-wrap the key with a new passphrase (fresh salt); return where it was saved."""
     blob = wrap_key(repo.key, repo.id, new_passphrase)
-    return save_key_blob(repo.store, repo.config, blob)
+    where = save_key_blob(repo.store, repo.config, blob)
+    security.remember(repo.id, key_blob=blob)  # the same key: export needs no passphrase
+    return where

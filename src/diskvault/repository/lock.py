@@ -20,11 +20,9 @@ exclusive locks the younger steps back. Stale locks: made on this machine by a p
 that is gone (removed automatically), or no heartbeat for ``STALE_AFTER`` (reported;
 ``break-lock``).
 
-"This machine" is more than the host name: a fleet often has hosts of one name
-(cloned VMs, containers), and a lock taken for dead because its pid is not running
-*here* would be deleted under a live holder. Records carry the machine id, the boot
-id and the pid namespace; a pid is only judged where all three match (a different
-boot id of the same machine id means a reboot: that holder is gone).
+"This machine" is more than the host name (storage/node.py): records carry the machine
+id, the boot id and the pid namespace; a pid is only judged where all three match (a
+different boot id of the same machine id means a reboot: that holder is gone).
 """
 
 from __future__ import annotations
@@ -39,45 +37,13 @@ import uuid
 
 from ..errors import LockError, ObjectMissing
 from ..storage.base import Store
+from ..storage.node import node_identity, pid_alive
 
 SHARED, EXCLUSIVE = "shared", "exclusive"
 NAMESPACES = ("locks", "locks-manifest")
 HEARTBEAT = 60.0
 STALE_AFTER = 30 * 60.0
 MAX_RETRY_DELAY = 2.0
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_id(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _pid_namespace() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def node_identity() -> dict:
-    """Where a lock's pid means something: machine, boot and pid namespace."""
-    return {"machine": _read_id("/etc/machine-id") or _read_id("/var/lib/dbus/machine-id"),
-            "boot": _read_id("/proc/sys/kernel/random/boot_id"), "pidns": _pid_namespace()}
 
 
 def read_locks(store: Store, namespace: str = "locks") -> list[dict]:
@@ -130,7 +96,7 @@ class Lock:
                 return bool(self.node["machine"]) and bool(rec.get("boot"))
             if rec.get("pidns") != self.node["pidns"]:
                 return False  # another container on this kernel: other pids
-        return not _pid_alive(pid)
+        return not pid_alive(pid)
 
     def is_stale(self, rec: dict) -> bool:
         try:

@@ -138,11 +138,12 @@ class Repository:
         store.create()
         repo_id = random_bytes(32)
         km = KeyMaterial.generate(random_bytes)
+        blob = b""
         config = {"version": FORMAT_VERSION, "repo_id": repo_id, "encryption": encryption,
                   "append_only": append_only, "pack_size": pack_size, "created": time.time()}
         if encryption == "none":
             config["id_key"] = km.id_key  # not secret without encryption; ids are checksums
-            km = KeyMaterial(enc_key=b"", id_key=km.id_key)  # as _load_key gives it
+            km = KeyMaterial(enc_key=b"", id_key=km.id_key)  # as open() gives it
         else:
             blob = wrap_key(km, repo_id, passphrase)
             if encryption == "repokey":
@@ -157,6 +158,7 @@ class Repository:
         store.store("config", raw)
         repo = cls(store, config, raw, km, random_bytes)
         security.remember(repo_id, mode=encryption, fingerprint=km.fingerprint(),
+                          key_blob=blob,
                           location=store.location)
         repo.manifest = Manifest(config_hash=repo.config_hash)
         repo._write_manifest(repo.manifest)
@@ -198,7 +200,11 @@ class Repository:
         security.check_identity(repo_id, known, mode, None, store.location)
         if mode == "none" and os.path.exists(keyfile_path(repo_id)):
             raise UnencryptedWithKeyfile(store.location, keyfile_path(repo_id))
-        km = cls._load_key(store, config, passphrase_fn)
+        if mode == "none":
+            blob, km = b"", KeyMaterial(enc_key=b"", id_key=config["id_key"])
+        else:
+            blob = cls.key_blob(store, config)
+            km = unwrap_key(blob, repo_id, passphrase_fn(False))
         security.check_identity(repo_id, known, mode, km.fingerprint(), store.location)
         repo = cls(store, config, raw, km, random_bytes)
         repo.first_contact = known is None
@@ -213,7 +219,7 @@ class Repository:
             repo.manifest = m if m is not None and not repo.manifest_problem else Manifest()
             if not repo.manifest_problem:
                 security.remember(repo_id, mode=mode, fingerprint=km.fingerprint(),
-                                  location=store.location)
+                                  key_blob=blob, location=store.location)
             repo.cache.prune_archives({r.id for r in repo.manifest.archives.values()})
         except BaseException:
             repo.close()
@@ -221,25 +227,24 @@ class Repository:
         return repo
 
     @staticmethod
-    def _load_key(store: Store, config: dict, passphrase_fn: PassphraseFn) -> KeyMaterial:
-        mode, repo_id = config["encryption"], config["repo_id"]
-        if mode == "none":
-            return KeyMaterial(enc_key=b"", id_key=config["id_key"])
-        if mode == "repokey":
+    def key_blob(store: Store, config: dict) -> bytes:
+        """The passphrase-wrapped key of an encrypted repository, from where its mode
+        keeps it (``keys/repokey``, or this client's key file)."""
+        repo_id = config["repo_id"]
+        if config["encryption"] == "repokey":
             try:
-                blob = store.load("keys/repokey")
+                return store.load("keys/repokey")
             except ObjectMissing:
                 raise IntegrityError("repository key (keys/repokey) is missing") from None
-        else:
-            path = keyfile_path(repo_id)
-            try:
-                with open(path) as f:
-                    file_id, blob = parse_keyfile_text(f.read())
-            except FileNotFoundError:
-                raise KeyFileMissing(path) from None
-            if file_id != repo_id:
-                raise IntegrityError(f"key file {path} belongs to another repository")
-        return unwrap_key(blob, repo_id, passphrase_fn(False))
+        path = keyfile_path(repo_id)
+        try:
+            with open(path) as f:
+                file_id, blob = parse_keyfile_text(f.read())
+        except FileNotFoundError:
+            raise KeyFileMissing(path) from None
+        if file_id != repo_id:
+            raise IntegrityError(f"key file {path} belongs to another repository")
+        return blob
 
     def close(self) -> None:
         if self._lock:

@@ -7,6 +7,8 @@ security.json``:
 
     mode         the encryption mode it first saw (none, repokey, keyfile)
     fingerprint  a one-way hash of the key material (crypto/keys.py), never the key
+    key_blob     a hash of the passphrase-wrapped key last seen to unwrap to that key:
+                 ``key export`` recognises the genuine key without the passphrase
     location     where it last opened the repository (secrets masked)
     serial       the highest serial of a manifest that authenticated (encrypted only)
 
@@ -26,6 +28,8 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+
+import blake3
 
 from ..errors import EncryptionChanged, KeyChanged, ManifestRolledBack
 
@@ -62,6 +66,12 @@ class Known:
     fingerprint: str = ""
     location: str = ""
     serial: int = 0
+    key_blob: str = ""
+
+
+def blob_digest(blob: bytes) -> str:
+    """What is remembered of a wrapped key (it is only compared, never used)."""
+    return blake3.blake3(blob).hexdigest()[:32] if blob else ""
 
 
 def _read(path: str) -> dict:
@@ -84,7 +94,8 @@ def load(repo_id: bytes) -> Known | None:
     except (TypeError, ValueError):
         serial = 0
     return Known(mode=str(d.get("mode", "")), fingerprint=str(d.get("fingerprint", "")),
-                 location=str(d.get("location", "")), serial=serial)
+                 location=str(d.get("location", "")), serial=serial,
+                 key_blob=str(d.get("key_blob", "")))
 
 
 def last_serial(repo_id: bytes) -> int:
@@ -128,9 +139,12 @@ def _locked(p: str) -> Iterator[None]:
 
 
 def remember(repo_id: bytes, *, mode: str | None = None, fingerprint: str | None = None,
-             location: str | None = None, serial: int | None = None) -> None:
+             location: str | None = None, serial: int | None = None,
+             key_blob: bytes | None = None) -> None:
     """Record what was seen. Mode and fingerprint are set once (a change is refused
-    before this is called); the serial only ever grows."""
+    before this is called); the serial only ever grows; ``key_blob`` (a wrapped key just
+    seen to unwrap to the remembered key) replaces the one before: a new passphrase
+    wraps the same key anew."""
     p = _path(repo_id)
     try:
         os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
@@ -139,7 +153,8 @@ def remember(repo_id: bytes, *, mode: str | None = None, fingerprint: str | None
             new = Known(mode=old.mode or (mode or ""),
                         fingerprint=old.fingerprint or (fingerprint or ""),
                         location=location if location is not None else old.location,
-                        serial=max(old.serial, serial or 0))
+                        serial=max(old.serial, serial or 0),
+                        key_blob=blob_digest(key_blob) if key_blob else old.key_blob)
             if new == old and os.path.exists(p):
                 return
             tmp = f"{p}.tmp{os.getpid()}"

@@ -91,6 +91,7 @@ class NbdServer:
         self.log = log or (lambda msg: print(f"diskvault: serve-nbd: {msg}", file=sys.stderr,
                                              flush=True))
         self._servers: list[asyncio.AbstractServer] = []
+        self._sockets: list[str] = []  # socket files we created, removed by close()
         self._conns: set[asyncio.Task] = set()
 
     def lookup(self, name: str) -> Export | None:
@@ -111,8 +112,11 @@ class NbdServer:
         _clear_stale_socket(path)
         srv = await asyncio.start_unix_server(self._client, path, limit=1 << 16)
         self._servers.append(srv)
+        self._sockets.append(path)
 
     async def close(self) -> None:
+        """Stop listening, end every connection, and remove the socket files we made
+        (Python before 3.13 leaves them; a stale one is also cleared by the next server)."""
         for s in self._servers:
             s.close()
         for t in list(self._conns):
@@ -121,6 +125,10 @@ class NbdServer:
         for s in self._servers:
             await s.wait_closed()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        for path in self._sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._sockets.clear()
 
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

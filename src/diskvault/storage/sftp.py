@@ -11,14 +11,32 @@ unless ``StrictHostKeyChecking accept-new`` (or ``no``) is configured for the ho
 ``DISKVAULT_SFTP_ACCEPT_NEW_HOSTKEY=1`` is set; accepted keys are added to
 ``~/.ssh/known_hosts``. A changed host key is always refused.
 
-A store writes ``<name>.tmp<random>``, fsyncs it (``fsync@openssh.com``, when the
-server has it), then renames it over the name (``posix-rename@openssh.com``).
+A store writes ``<name>.tmp-<writer>-<random>``, fsyncs it (``fsync@openssh.com``, when
+the server has it), then renames it over the name (``posix-rename@openssh.com``).
+
+Temporary files of killed writers (a whole pack each) are found by ``temporaries``:
+reported by ``check``, removed by the next writer session and by ``compact``. SFTP has
+no flock, so the name says who wrote it: ``<writer>`` is the machine, the boot, the pid
+namespace, the pid and its start time (storage/node.py).
+
+- Written on this boot, in this pid namespace: the writer is gone exactly when no
+  process with that pid and start time runs here — proof, not a guess, and a live
+  writer's file is never touched however long it takes.
+- Written elsewhere (or by an older version, ``<name>.tmp<random>``): removed only when
+  unchanged for ``FOREIGN_AGE`` (24 h; its mtime is checked again just before). A
+  writer that is alive at all moves its file's mtime with every write and gives it up
+  when a request times out (60 s); only a suspended one could come back to it.
+- And if a live writer's file were removed all the same, nothing is lost: the writer
+  renames by the temporary *name*, so its rename fails (ENOENT, a transient error) and
+  the store is retried under a new name. A removal never touches a stored value: names
+  are never reused, and removing a name that was renamed meanwhile fails.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
 import re
@@ -27,7 +45,9 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import paramiko
@@ -35,10 +55,15 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from ..errors import ObjectMissing, RepositoryExists, StorageFull
 from .base import Store
+from .node import node_identity, pid_alive, process_start
 from .retry import storage_error
 
 ACCEPT_NEW_ENV = "DISKVAULT_SFTP_ACCEPT_NEW_HOSTKEY"
 _TMP = ".tmp"  # same marker LocalStore uses: list() never shows such names
+# <name>.tmp-<machine>-<boot>-<pidns>-<pid>-<start>-<random> (see the head)
+_TMP_NAME = re.compile(r"\.tmp-([0-9a-f]{16})-([0-9a-f]{16})-(\d+)-(\d+)-(\d+)-[0-9a-f]{12}$")
+_UNKNOWN = "0" * 16
+FOREIGN_AGE = 24 * 3600
 # errors that mean the connection is gone, so a reconnect may help
 _LOST = (paramiko.SSHException, EOFError, socket.timeout, ConnectionError)
 
@@ -52,6 +77,57 @@ def check_name(name: str) -> None:
     """Refuse names that would escape the base path or alias another name (as LocalStore)."""
     if not _NAME_RE.fullmatch(name) or any(p in (".", "..") for p in name.split("/")):
         raise storage_error(f"invalid object name {name!r}", transient=False)
+
+
+def _digest(*parts: str) -> str:
+    """A short stand-in for an id in a file name (``_UNKNOWN`` if a part is unknown)."""
+    if not all(parts):
+        return _UNKNOWN
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
+
+
+class _Here:
+    """This process's identity as temporary names carry it (computed once per pid)."""
+
+    _cache: dict[int, _Here] = {}
+
+    def __init__(self) -> None:
+        node = node_identity()
+        self.pid = os.getpid()
+        # the host name too: cloned VMs may share a machine id (as repository/lock.py)
+        self.machine = _digest(socket.gethostname(), node["machine"])
+        self.boot = _digest(node["boot"])
+        self.pidns = int(node["pidns"])
+        self.tag = (f"{self.machine}-{self.boot}-{self.pidns}-{self.pid}-"
+                    f"{process_start(self.pid) or 0}")
+
+    @classmethod
+    def get(cls) -> _Here:
+        here = cls._cache.get(os.getpid())  # a forked child is another writer
+        if here is None:
+            here = cls._cache[os.getpid()] = cls()
+        return here
+
+
+def writer_gone(filename: str) -> bool | None:
+    """Is the writer of this temporary file gone? True or False where this process can
+    tell for sure (the writer ran on this boot, in this pid namespace; or on this
+    machine before a reboot), None where it cannot (another machine or container, an
+    older version's name)."""
+    m = _TMP_NAME.search(filename)
+    if m is None:
+        return None
+    machine, boot, pidns, pid, start = m[1], m[2], int(m[3]), int(m[4]), int(m[5])
+    here = _Here.get()
+    if boot != _UNKNOWN and boot == here.boot:
+        if not pidns or pidns != here.pidns:
+            return None  # another container on this kernel: other pids
+        if not start:  # written where /proc could not tell the start time
+            return not pid_alive(pid)
+        return process_start(pid) != start  # gone, or the pid now is another process's
+    if _UNKNOWN not in (machine, boot, here.boot) and machine == here.machine:
+        return True  # this machine, an earlier boot: every process of it is gone
+    return None
 
 
 class _AcceptNew(paramiko.MissingHostKeyPolicy):
@@ -341,7 +417,7 @@ class SftpStore(Store):
 
     def store(self, name: str, value: bytes | bytearray | memoryview) -> None:
         path = self._p(name)
-        tmp = f"{path}{_TMP}{secrets.token_hex(6)}"
+        tmp = f"{path}{_TMP}-{_Here.get().tag}-{secrets.token_hex(6)}"
         with self._sftp("store", name) as c:
             try:
                 try:
@@ -404,24 +480,70 @@ class SftpStore(Store):
             return int(c.stat(self._p(name)).st_size or 0)
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for name, attr in self._walk(prefix):
+            if _TMP not in posixpath.basename(name):
+                yield name, int(attr.st_size or 0)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, paramiko.SFTPAttributes]]:
+        """Every file under ``prefix`` (temporary ones too) with its attributes. The
+        directories of one level are listed at once, on up to ``connections`` channels:
+        a repository has 256 pack directories, and one round trip each adds up."""
         if prefix:
             check_name(prefix.rstrip("/"))
-        todo = [prefix.rstrip("/")]
-        while todo:
-            rel = todo.pop()
-            try:
-                # hold a channel per directory, not across the caller's loop body
-                with self._sftp("list", rel or "/") as c:
-                    entries = c.listdir_attr(posixpath.join(self.path, rel))
-            except ObjectMissing:
-                continue  # no such directory (yet): nothing stored under it
-            for e in entries:
-                name = f"{rel}/{e.filename}" if rel else e.filename
-                if stat.S_ISDIR(e.st_mode or 0):
-                    todo.append(name)
-                elif _TMP not in e.filename:
-                    yield name, int(e.st_size or 0)
+        level = [prefix.rstrip("/")]
+        with ThreadPoolExecutor(self.connections, thread_name_prefix="sftp-list") as pool:
+            while level:
+                subdirs = []
+                for rel, entries in zip(level, pool.map(self._listdir, level), strict=True):
+                    for e in entries:
+                        name = f"{rel}/{e.filename}" if rel else e.filename
+                        if stat.S_ISDIR(e.st_mode or 0):
+                            subdirs.append(name)
+                        else:
+                            yield name, e
+                level = subdirs
+
+    def _listdir(self, rel: str) -> Sequence[paramiko.SFTPAttributes]:
+        try:
+            # hold a channel per directory, not across the caller's loop body
+            with self._sftp("list", rel or "/") as c:
+                return c.listdir_attr(posixpath.join(self.path, rel))
+        except ObjectMissing:
+            return []  # no such directory (yet): nothing stored under it
+
+    def temporaries(self, remove: bool = False) -> Sequence[tuple[str, int]]:
+        """Temporary files of writers that are gone (the head says how that is told):
+        ``(name, size)``; ``remove`` deletes them."""
+        found = []
+        for name, attr in self._walk(""):
+            base = posixpath.basename(name)
+            if _TMP not in base:
+                continue
+            gone = writer_gone(base)
+            if gone is False or (gone is None and not _aged(attr)):
+                continue
+            if remove and not self._remove_temporary(name, recheck_age=gone is None):
+                continue
+            found.append((name, int(attr.st_size or 0)))
+        return found
+
+    def _remove_temporary(self, name: str, recheck_age: bool) -> bool:
+        path = posixpath.join(self.path, name)
+        try:
+            with self._sftp("delete", name) as c:
+                if recheck_age and not _aged(c.stat(path)):
+                    return False  # written to since it was listed: someone is at it
+                c.remove(path)
+        except ObjectMissing:
+            return False  # renamed into place or removed meanwhile
+        return True
 
     def close(self) -> None:
         with self._lock:
             self._drop_connection_locked()
+
+
+def _aged(attr: paramiko.SFTPAttributes) -> bool:
+    """Unchanged for FOREIGN_AGE, by the server's clock as seen from here (a skew of
+    hours between the two still leaves a day)."""
+    return time.time() - (attr.st_mtime or 0) > FOREIGN_AGE
