@@ -1,9 +1,10 @@
 """A libvirt QEMU driver daemon that tests start themselves, and paused test domains.
 
-The daemon is ``virtqemud`` (libvirt's modular QEMU daemon), started by the test as
-root with its own configuration file, whose only change is the socket directory: a
-temporary one, so the test connects with ``qemu+unix:///system?socket=…`` and nothing
-in /etc is edited. Domains are transient (``virsh create``: no configuration file is
+The daemon is ``virtqemud`` (libvirt's modular QEMU daemon) or, where the distribution
+ships only the monolithic one, ``libvirtd``, started by the test as root with its own
+configuration file, whose only change is the socket directory: a temporary one, so
+the test connects with ``qemu+unix:///system?socket=…`` and nothing in /etc is
+edited. Domains are transient (``virsh create``: no configuration file is
 written), TCG, no network, no graphics, started paused: no guest code runs, QEMU's
 block layer serves the disks, and writes go through HMP ``qemu-io`` on the guest
 device's backend — the same path and the same dirty bitmaps as a guest's writes. The
@@ -24,14 +25,21 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-DAEMON = "virtqemud"
+# (daemon, its socket's name in unix_sock_dir)
+DAEMONS = (("virtqemud", "virtqemud-sock"), ("libvirtd", "libvirt-sock"))
+
+
+def _daemon() -> tuple[str, str] | None:
+    return next((d for d in DAEMONS if shutil.which(d[0])), None)
 
 
 def libvirt_missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (the test runs its own libvirt daemon)"
-    for tool, pkg in (("virsh", "libvirt-clients"), (DAEMON, "libvirt-daemon"),
-                      ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
+    if _daemon() is None:
+        return "needs virtqemud or libvirtd (Debian: libvirt-daemon)"
+    for tool, pkg in (("virsh", "libvirt-clients"), ("qemu-system-x86_64", "qemu-system-x86"),
+                      ("qemu-img", "qemu-utils"),
                       ("qemu-storage-daemon", "qemu-system-common"),
                       ("nbdinfo", "libnbd-bin"), ("fusermount3", "fuse3")):
         if not shutil.which(tool):
@@ -48,12 +56,13 @@ class Libvirt:
 
     def __init__(self, workdir: str) -> None:
         self.dir = workdir
-        conf = os.path.join(workdir, f"{DAEMON}.conf")
+        daemon, sock = _daemon() or DAEMONS[0]
+        conf = os.path.join(workdir, f"{daemon}.conf")
         with open(conf, "w") as f:
             f.write(f'unix_sock_dir = "{workdir}"\n')
-        self.uri = f"qemu+unix:///system?socket={workdir}/{DAEMON}-sock"
+        self.uri = f"qemu+unix:///system?socket={workdir}/{sock}"
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([DAEMON, "-f", conf, "-p", os.path.join(workdir, "pid")],
+        self.proc = subprocess.Popen([daemon, "-f", conf, "-p", os.path.join(workdir, "pid")],
                                      stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
@@ -61,7 +70,7 @@ class Libvirt:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 with open(os.path.join(workdir, "daemon.log")) as f:
-                    raise RuntimeError(f"{DAEMON} did not start: {f.read()[-2000:]}")
+                    raise RuntimeError(f"{daemon} did not start: {f.read()[-2000:]}")
             time.sleep(0.1)
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -93,30 +102,46 @@ def libvirt(tmp_path_factory) -> Iterator[Libvirt]:
         lv.stop()
 
 
-def domain_xml(name: str, disks: dict[str, str]) -> str:
+def domain_xml(name: str, disks: dict[str, str], boot: tuple[str, str] | None = None,
+               console: str | None = None, agent: str | None = None) -> str:
+    """``boot``: (kernel, initrd) to run a guest (else it sits paused, no firmware runs);
+    ``console``: the serial port's log file; ``agent``: the guest agent channel's socket."""
     devs = "".join(
         f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
         f"<source file='{escape(path)}'/><target dev='{dev}' bus='virtio'/></disk>"
         for dev, path in disks.items())
+    devs += (f"<serial type='file'><source path='{escape(console)}'/><target port='0'/>"
+             "</serial>" if console else "<serial type='null'/>")
+    if agent:
+        devs += (f"<channel type='unix'><source mode='bind' path='{escape(agent)}'/>"
+                 "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
+    os_ = "<type arch='x86_64' machine='pc'>hvm</type>"
+    if boot:
+        os_ += (f"<kernel>{escape(boot[0])}</kernel><initrd>{escape(boot[1])}</initrd>"
+                "<cmdline>console=ttyS0 panic=-1 quiet</cmdline>")
     return (f"<domain type='qemu'><name>{name}</name><uuid>{uuid.uuid4()}</uuid>"
-            "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+            "<memory unit='MiB'>256</memory><vcpu>1</vcpu>"
+            f"<os>{os_}</os><cpu mode='maximum'/><on_poweroff>destroy</on_poweroff>"
             "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
             f"{devs}<controller type='usb' model='none'/><memballoon model='none'/>"
-            "<serial type='null'/></devices>"
+            "</devices>"
             "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label>"
             "</seclabel></domain>")
 
 
 class Domain:
-    """A transient, paused domain with qcow2 disks ``{target: path}``."""
+    """A transient domain with qcow2 disks ``{target: path}``: paused, or booting
+    ``boot`` = (kernel, initrd) with its console in ``console``."""
 
-    def __init__(self, lv: Libvirt, workdir: str, disks: dict[str, str]) -> None:
+    def __init__(self, lv: Libvirt, workdir: str, disks: dict[str, str],
+                 boot: tuple[str, str] | None = None) -> None:
         self.lv, self.name = lv, f"dv-{uuid.uuid4().hex[:8]}"
+        self.console = os.path.join(workdir, f"{self.name}.console") if boot else None
         xml = os.path.join(workdir, f"{self.name}.xml")
         with open(xml, "w") as f:
-            f.write(domain_xml(self.name, disks))
-        lv.virsh("create", xml, "--paused")
+            f.write(domain_xml(self.name, disks, boot, self.console,
+                               os.path.join(workdir, f"{self.name}.qga") if boot else None))
+        lv.virsh("create", xml, *([] if boot else ["--paused"]))
         self.aliases: dict[str, str] = {}  # target → device alias (qdev id)
         root = ET.fromstring(lv.virsh("dumpxml", self.name).stdout)
         for d in root.iterfind("devices/disk"):

@@ -10,11 +10,21 @@ import os
 import random
 import signal
 import subprocess
+import sys
 
 import pytest
 from libvirtkit import Domain, Libvirt, libvirt, needs_libvirt  # noqa: F401 (fixture)
 from support import DV, dv, init_repo
-from vmkit import Disk, MiB
+from vmkit import (
+    Disk,
+    Guest,
+    MiB,
+    build_initramfs,
+    check_records,
+    kernel,
+    make_guest_disk,
+    needs_guest,
+)
 
 pytestmark = [needs_libvirt]
 PREFIX = "diskvault-"
@@ -216,3 +226,69 @@ def test_bad_input(dom, tmp_path):
     assert dv("list", repo).stdout == b""
     assert not d.checkpoints()
     assert_clean(d)
+
+
+# --- a real, running guest -------------------------------------------------------
+
+
+class LiveGuest(Guest):
+    """vmkit's record-keeping guest, run by libvirt (only its console log is read)."""
+
+    def __init__(self, dom: Domain) -> None:  # libvirt runs QEMU: no Guest.__init__
+        assert dom.console is not None
+        self.dom, self.console = dom, dom.console
+
+    def alive(self) -> bool:
+        return self.dom.lv.virsh("domstate", self.dom.name).stdout.strip() == "running"
+
+
+def frozen_records(repo: str, name: str, tmp_path) -> str:
+    """The guest's record file in a frozen (so clean: no journal to replay) archive."""
+    part = str(tmp_path / f"{name}.p1")
+    with open(part, "wb") as f:
+        f.write(dv("extract", "--stdout", f"{repo}::{name}", "disk/part1").stdout)
+    fsck = subprocess.run(["e2fsck", "-fn", part], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    return subprocess.run(["debugfs", "-R", "cat /records", part], capture_output=True,
+                          check=True).stdout.decode()
+
+
+@needs_guest
+def test_running_guest_frozen_full_then_incremental_and_always_thawed(libvirt,  # noqa: F811
+                                                                       tmp_path):
+    initrd = build_initramfs(str(tmp_path / "initrd.gz"))
+    disk = make_guest_disk(str(tmp_path / "vm.qcow2"))
+    d = Domain(libvirt, str(tmp_path), {"vda": disk}, boot=(kernel() or "", initrd))
+    g = LiveGuest(d)
+    try:
+        g.wait_records(3, 600)
+        repo = str(tmp_path / "repo")
+        init_repo(repo)
+        runs = []
+        for name in ("b1", "b2"):
+            before = g.records_announced()
+            a = vm_backup(d, repo, name, "--guest-fsfreeze")["archives"][0]
+            assert a["consistency"] == "application" and a["frozen"] >= 1, a
+            runs.append((name, before, a))
+            g.wait_records(before + 10)  # thawed: the guest writes on
+        (_, _, a1), (_, _, a2) = runs
+        assert (a1["mode"], a2["mode"]) == ("full", "incremental")
+        # the second backup reads only the checkpoint's extents: little of a 64 MiB disk
+        assert a2["stats"]["read"] <= a2["dirty"] < a2["size"] // 4, a2
+        sys.stderr.write(f"libvirt vm backup 2: read {a2['stats']['read']} B, dirty "
+                         f"{a2['dirty']} B, disk {a2['size']} B (first: read "
+                         f"{a1['stats']['read']} B)\n")
+        for name, before, _ in runs:
+            check_records(frozen_records(repo, name, tmp_path), before)
+        assert_clean(d)
+        # SIGKILL while frozen: the watchdog process thaws the guest through libvirt
+        code = ("import os, signal\n"
+                "from diskvault.source.libvirt import LibvirtFreeze, Virsh\n"
+                f"with LibvirtFreeze(Virsh({libvirt.uri!r}), {d.name!r}) as f:\n"
+                "    assert f.frozen >= 1\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        g.wait_records(g.records_announced() + 5, 120)
+    finally:
+        d.destroy()

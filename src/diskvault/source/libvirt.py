@@ -187,9 +187,13 @@ class LibvirtVm:
         server = x.find("server")
         return server.get("socket", "") if server is not None else ""
 
-    def end_job(self) -> None:
-        """Abort the running backup job (how pull-mode jobs end) and wait until libvirt
-        has torn it down (block jobs end asynchronously)."""
+    def end_job(self, run_dir: str) -> None:
+        """Abort the domain's backup job if it is ours (its NBD socket lies in
+        ``run_dir``) — pull-mode jobs end that way — and wait until libvirt has torn
+        it down (its block jobs end asynchronously)."""
+        sock = self.backup_socket()
+        if sock is None or not sock.startswith(run_dir + "/"):
+            return
         with contextlib.suppress(LibvirtError):  # it may have ended by itself
             self.virsh("domjobabort", self.domain)
         deadline = time.monotonic() + _JOB_END_SECONDS
@@ -212,7 +216,7 @@ class LibvirtVm:
             if pid is not None:
                 raise VmError(f"another diskvault (pid {pid}) is backing up domain "
                               f"{self.domain}")
-            self.end_job()
+            self.end_job(os.path.dirname(sock))
             removed.append("backup job")
         elif (pid := _owner_alive(d)) is not None:
             raise VmError(f"another diskvault (pid {pid}) is backing up domain {self.domain}")
@@ -395,7 +399,7 @@ class LibvirtBackup:
             for exp in self._images:
                 exp.close()
             if self._begun:
-                self.vm.end_job()
+                self.vm.end_job(self._dir)
                 keep = set(self.refs.values())
                 for c in self.vm.checkpoints():
                     if c.startswith(checkpoint_prefix(self.tag)) and c not in keep:
