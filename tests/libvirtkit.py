@@ -1,14 +1,19 @@
-"""A libvirt QEMU driver daemon that tests start themselves, and paused test domains.
+"""A libvirt QEMU driver daemon that tests start themselves, and test domains.
 
-The daemon is ``virtqemud`` (libvirt's modular QEMU daemon) or, where the distribution
-ships only the monolithic one, ``libvirtd``, started by the test as root with its own
-configuration file, whose only change is the socket directory: a temporary one, so
-the test connects with ``qemu+unix:///system?socket=…`` and nothing in /etc is
-edited. Domains are transient (``virsh create``: no configuration file is
-written), TCG, no network, no graphics, started paused: no guest code runs, QEMU's
-block layer serves the disks, and writes go through HMP ``qemu-io`` on the guest
-device's backend — the same path and the same dirty bitmaps as a guest's writes. The
-domain's DAC label is root's, so QEMU reads the test's images where they are.
+The daemon runs in **session mode**: ``libvirtd`` (or ``virtqemud`` where the
+distribution ships the modular daemons) started by the test as an unprivileged user
+(``nobody``, via ``setpriv``) with HOME and the XDG directories in a temporary
+directory, so it reads and writes nothing outside it — no /etc edits, no system
+daemon. (As root, libvirt always runs privileged, and then wants the ``libvirt-qemu``
+user and /etc/libvirt/qemu.conf, which a test must not change.) diskvault and the tests
+connect as root with ``qemu+unix:///session?socket=…``. QEMU then runs as ``nobody``,
+as it runs as ``libvirt-qemu`` under qemu:///system: diskvault must hand it its run
+directory, which these tests check on the way.
+
+Domains are transient (``virsh create``), TCG, no network, no graphics; paused ones run
+no guest code — QEMU's block layer serves the disks, and writes go through HMP
+``qemu-io`` on the guest device's backend, the same path and the same dirty bitmaps as
+a guest's writes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -25,21 +31,21 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-# (daemon, its socket's name in unix_sock_dir)
-DAEMONS = (("virtqemud", "virtqemud-sock"), ("libvirtd", "libvirt-sock"))
+DAEMONS = ("virtqemud", "libvirtd")
+USER = 65534  # nobody
 
 
-def _daemon() -> tuple[str, str] | None:
-    return next((d for d in DAEMONS if shutil.which(d[0])), None)
+def _daemon() -> str | None:
+    return next((d for d in DAEMONS if shutil.which(d)), None)
 
 
 def libvirt_missing() -> str | None:
     if os.geteuid() != 0:
-        return "needs root (the test runs its own libvirt daemon)"
+        return "needs root (the test runs its own libvirt daemon as another user)"
     if _daemon() is None:
         return "needs virtqemud or libvirtd (Debian: libvirt-daemon)"
     for tool, pkg in (("virsh", "libvirt-clients"), ("qemu-system-x86_64", "qemu-system-x86"),
-                      ("qemu-img", "qemu-utils"),
+                      ("qemu-img", "qemu-utils"), ("setpriv", "util-linux"),
                       ("qemu-storage-daemon", "qemu-system-common"),
                       ("nbdinfo", "libnbd-bin"), ("fusermount3", "fuse3")):
         if not shutil.which(tool):
@@ -52,26 +58,40 @@ needs_libvirt = pytest.mark.skipif(libvirt_missing() is not None,
 
 
 class Libvirt:
-    """A running daemon; ``virsh(...)`` talks to it."""
+    """A running session daemon; ``virsh(...)`` talks to it; ``workdir()`` gives a
+    directory its QEMU (user ``nobody``) can use for images, consoles, sockets."""
 
-    def __init__(self, workdir: str) -> None:
-        self.dir = workdir
-        daemon, sock = _daemon() or DAEMONS[0]
-        conf = os.path.join(workdir, f"{daemon}.conf")
-        with open(conf, "w") as f:
-            f.write(f'unix_sock_dir = "{workdir}"\n')
-        self.uri = f"qemu+unix:///system?socket={workdir}/{sock}"
-        self.log = open(os.path.join(workdir, "daemon.log"), "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([daemon, "-f", conf, "-p", os.path.join(workdir, "pid")],
-                                     stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+    def __init__(self) -> None:
+        # not under pytest's tmp_path: its parents are root's alone
+        self.dir = tempfile.mkdtemp(prefix="diskvault-libvirt-")
+        os.chmod(self.dir, 0o755)
+        run = os.path.join(self.dir, "run")
+        os.mkdir(run, 0o700)
+        for d in (self.dir, run):
+            os.chown(d, USER, USER)
+        daemon = _daemon() or DAEMONS[0]
+        sock = "virtqemud-sock" if daemon == "virtqemud" else "libvirt-sock"
+        self.uri = f"qemu+unix:///session?socket={run}/libvirt/{sock}"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.dir,
+               "XDG_RUNTIME_DIR": run, "XDG_CONFIG_HOME": os.path.join(self.dir, "config"),
+               "XDG_CACHE_HOME": os.path.join(self.dir, "cache")}
+        self.log = open(os.path.join(self.dir, "daemon.log"), "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups", daemon],
+            env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while self.virsh("version", check=False).returncode:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                with open(os.path.join(workdir, "daemon.log")) as f:
+                with open(os.path.join(self.dir, "daemon.log")) as f:
                     raise RuntimeError(f"{daemon} did not start: {f.read()[-2000:]}")
             time.sleep(0.1)
+
+    def workdir(self) -> str:
+        d = tempfile.mkdtemp(dir=self.dir)
+        os.chown(d, USER, USER)
+        return d
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(["virsh", "-q", "-c", self.uri, *args], capture_output=True,
@@ -91,11 +111,12 @@ class Libvirt:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def libvirt(tmp_path_factory) -> Iterator[Libvirt]:
-    lv = Libvirt(str(tmp_path_factory.mktemp("libvirt")))
+def libvirt() -> Iterator[Libvirt]:
+    lv = Libvirt()
     try:
         yield lv
     finally:
@@ -124,9 +145,7 @@ def domain_xml(name: str, disks: dict[str, str], boot: tuple[str, str] | None = 
             f"<os>{os_}</os><cpu mode='maximum'/><on_poweroff>destroy</on_poweroff>"
             "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
             f"{devs}<controller type='usb' model='none'/><memballoon model='none'/>"
-            "</devices>"
-            "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label>"
-            "</seclabel></domain>")
+            "</devices></domain>")
 
 
 class Domain:
@@ -136,6 +155,8 @@ class Domain:
     def __init__(self, lv: Libvirt, workdir: str, disks: dict[str, str],
                  boot: tuple[str, str] | None = None) -> None:
         self.lv, self.name = lv, f"dv-{uuid.uuid4().hex[:8]}"
+        for path in [*disks.values(), *(boot or ())]:
+            os.chown(path, USER, USER)  # QEMU runs as the session's user
         self.console = os.path.join(workdir, f"{self.name}.console") if boot else None
         xml = os.path.join(workdir, f"{self.name}.xml")
         with open(xml, "w") as f:

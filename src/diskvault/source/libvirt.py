@@ -256,14 +256,23 @@ class LibvirtVm:
         except VmError:
             return False
 
-    def dac_owner(self) -> tuple[int, int] | None:
-        """The uid:gid QEMU runs as when libvirt's DAC driver sets one (system mode):
-        it must reach the scratch files and the NBD socket in our run directory."""
-        for sec in self._xml("dumpxml", self.domain).iterfind("seclabel"):
-            label = sec.findtext("label") or ""
-            m = re.fullmatch(r"\+?(\d+):\+?(\d+)", label.strip())
-            if sec.get("model") == "dac" and m:
-                return int(m[1]), int(m[2])
+    def qemu_owner(self) -> tuple[int, int] | None:
+        """The uid and gid the domain's QEMU runs as (found by the ``-uuid`` libvirt
+        gives it): QEMU creates the NBD socket and libvirt the scratch files in our run
+        directory as that user — ``libvirt-qemu`` under qemu:///system, the session's
+        user under qemu:///session."""
+        uuid = self.identity().removeprefix("uuid:").encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                if not any(a == b"-uuid" and b == uuid for a, b in zip(args, args[1:])):
+                    continue
+                with open(f"/proc/{pid}/status") as f:
+                    ids = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
+                return int(ids["Uid"][1]), int(ids["Gid"][1])
+            except (OSError, KeyError, IndexError, ValueError):
+                continue
         return None
 
 
@@ -330,9 +339,9 @@ class LibvirtBackup:
         try:
             with open(os.path.join(self._dir, "owner"), "w") as f:
                 f.write(f"{os.getpid()} {_proc_start(os.getpid())}\n")
-            owner = self.vm.dac_owner()
-            if owner is not None and owner[0] != os.geteuid():
-                os.chown(self._dir, *owner)
+            owner = self.vm.qemu_owner()
+            if owner is not None and owner[0] != os.geteuid() and os.geteuid() == 0:
+                os.chown(self._dir, *owner)  # 0700 still: only QEMU's user and root
             name = f"{checkpoint_prefix(self.tag)}{time.time_ns():020d}"
             self._begin(name, freeze)
             self.new = {d.name: name for d in self.drives if d.format == "qcow2"}
