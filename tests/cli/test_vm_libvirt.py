@@ -165,14 +165,49 @@ def test_two_repositories_alternately_both_stay_incremental(dom, tmp_path):
     assert len(ours_per_repo(d)) == 2
 
 
-def _kill(p: subprocess.Popen, ready, what: str) -> None:
-    """SIGSTOP ``p`` once ``ready()``, check it is still mid-run there, SIGKILL it."""
-    while not ready():
-        assert p.poll() is None, f"the backup ended before {what}"
-    p.send_signal(signal.SIGSTOP)
-    assert ready() and p.poll() is None, f"the backup ended before {what}"
+def child(pid: int, what: bytes) -> int | None:
+    """A child process of ``pid`` whose command line holds ``what``."""
+    for c in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{c}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                if ppid == pid and what in f.read():
+                    return int(c)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def wait_gone(pid: int) -> None:
+    while os.path.exists(f"/proc/{pid}"):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        os.sched_yield()
+
+
+def kill_during_backup_begin(p: subprocess.Popen) -> None:
+    """Deterministic: SIGKILL diskvault while its `virsh backup-begin` runs (that
+    child finishes on its own: the job and the new checkpoint outlive us)."""
+    while (v := child(p.pid, b"backup-begin")) is None:
+        assert p.poll() is None, "the backup ended before backup-begin"
     p.send_signal(signal.SIGKILL)
     p.wait()
+    wait_gone(v)
+
+
+def kill_mid_read(p: subprocess.Popen) -> None:
+    """Deterministic: stop diskvault's qemu-storage-daemon once the fleece file is
+    mounted — diskvault cannot read, so cannot commit — and SIGKILL diskvault."""
+    while (q := child(p.pid, b"qemu-storage-daemon")) is None or not fleece_mounted():
+        assert p.poll() is None, "the backup ended before the fleece export"
+    os.kill(q, signal.SIGSTOP)
+    assert p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    os.kill(q, signal.SIGCONT)  # it takes its PR_SET_PDEATHSIG SIGTERM and unmounts
+    wait_gone(q)
 
 
 def test_sigkill_mid_backup_next_run_cleans_up_and_is_correct(libvirt, tmp_path):  # noqa: F811
@@ -184,17 +219,16 @@ def test_sigkill_mid_backup_next_run_cleans_up_and_is_correct(libvirt, tmp_path)
         init_repo(repo)
         vm_backup(d, repo, "base")
         rnd = random.Random(21)
-        points = [("the backup job", d.backup_job), ("the fleece export", fleece_mounted),
-                  ("a seeded moment", None)]
-        for i, (what, ready) in enumerate(points):
+        for i, kill in enumerate([kill_during_backup_begin, kill_mid_read, None, None]):
             off = rnd.randrange(0, 90) * MiB
             big.write(d, "vda", off, 128 * 1024, 0x70 + i)
             p = subprocess.Popen([*DV, "vm", "backup", "--libvirt", d.name, "--connect",
                                   libvirt.uri, f"{repo}::k{i}"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if ready is not None:
-                _kill(p, ready, what)
-            else:
+            if kill is not None:
+                kill(p)
+                assert f"k{i}" not in dv("list", "--short", repo).stdout.decode().split()
+            else:  # a seeded moment: maybe before backup-begin, maybe after the commit
                 try:
                     p.wait(timeout=rnd.uniform(0.2, 2.0))
                 except subprocess.TimeoutExpired:
@@ -202,9 +236,9 @@ def test_sigkill_mid_backup_next_run_cleans_up_and_is_correct(libvirt, tmp_path)
                     p.wait()
             r = dv("vm", "backup", "--json", "--libvirt", d.name, "--connect", libvirt.uri,
                    f"{repo}::ok{i}")
-            if ready is not None:  # killed with the job up and its checkpoint made
-                assert b"removed backup job" in r.stderr, r.stderr
-                assert b"removed checkpoint" in r.stderr, r.stderr
+            if kill is not None:  # the job and its new checkpoint were left behind
+                assert b"removed backup job" in r.stderr, (i, r.stderr)
+                assert b"removed checkpoint" in r.stderr, (i, r.stderr)
             a = json.loads(r.stdout)["archives"][0]
             # the old checkpoint survived the kill: still incremental
             assert a["mode"] == "incremental", a
