@@ -14,7 +14,7 @@ class FakeVirsh(Virsh):
     def __init__(self, answers: dict[str, str]) -> None:
         self.uri, self.answers, self.calls = None, answers, []
 
-    def __call__(self, *args: str) -> str:
+    def __call__(self, *args: str, quiet: bool = True) -> str:
         self.calls.append(args)
         if args[0] not in self.answers:
             raise LibvirtError(f"libvirt: no answer for {args[0]}")

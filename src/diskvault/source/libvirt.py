@@ -66,8 +66,9 @@ class Virsh:
             raise VmError("--libvirt needs virsh (Debian: libvirt-clients)")
         self.uri = uri
 
-    def __call__(self, *args: str) -> str:
-        cmd = ["virsh", "-q", *(["-c", self.uri] if self.uri else []), *args]
+    def __call__(self, *args: str, quiet: bool = True) -> str:
+        cmd = ["virsh", *(["-q"] if quiet else []), *(["-c", self.uri] if self.uri else []),
+               *args]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                                timeout=_VIRSH_SECONDS)
@@ -266,7 +267,8 @@ class LibvirtVm:
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     args = f.read().split(b"\0")
-                if not any(a == b"-uuid" and b == uuid for a, b in zip(args, args[1:])):
+                if not any(a == b"-uuid" and b == uuid
+                           for a, b in zip(args, args[1:], strict=False)):
                     continue
                 with open(f"/proc/{pid}/status") as f:
                     ids = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
@@ -437,7 +439,7 @@ class LibvirtFreeze(GuestFreeze):
             raise VmError(f"guest agent: {e}") from None
 
     def _freeze(self) -> int:
-        out = self.virsh("domfsfreeze", self.domain)
+        out = self.virsh("domfsfreeze", self.domain, quiet=False)  # -q hides the count
         m = re.search(r"(\d+)", out)
         return int(m[1]) if m else 0
 
