@@ -198,15 +198,16 @@ def kill_during_backup_begin(p: subprocess.Popen) -> None:
 
 
 def kill_mid_read(p: subprocess.Popen) -> None:
-    """Deterministic: stop diskvault's qemu-storage-daemon once the fleece file is
-    mounted — diskvault cannot read, so cannot commit — and SIGKILL diskvault."""
-    while (q := child(p.pid, b"qemu-storage-daemon")) is None or not fleece_mounted():
+    """Deterministic: stop diskvault's qemu-storage-daemon the moment it appears —
+    diskvault cannot read the fleece through it, so cannot commit — and SIGKILL
+    diskvault while it waits for it."""
+    while (q := child(p.pid, b"qemu-storage-daemon")) is None:
         assert p.poll() is None, "the backup ended before the fleece export"
     os.kill(q, signal.SIGSTOP)
     assert p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.wait()
-    os.kill(q, signal.SIGCONT)  # it takes its PR_SET_PDEATHSIG SIGTERM and unmounts
+    os.kill(q, signal.SIGCONT)  # it takes its PR_SET_PDEATHSIG SIGTERM and exits
     wait_gone(q)
 
 
