@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -256,6 +257,27 @@ def running_guest(workdir: str, disks: dict[str, str], initrd: str | None = None
         yield g
     finally:
         g.stop()
+
+
+class Disk:
+    """A qcow2 VM disk of random bytes (no partition table: every byte is backed up)
+    and what its guest-visible bytes must be; ``written`` applies a write made
+    through QEMU to ``expected`` too."""
+
+    def __init__(self, path: str, size: int, seed: int) -> None:
+        rnd = random.Random(seed)
+        self.expected = bytearray()
+        while len(self.expected) < size:
+            self.expected += rnd.randbytes(min(16 * MiB, size - len(self.expected)))
+        raw = path + ".raw"
+        with open(raw, "wb") as f:
+            f.write(self.expected)
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, path], check=True)
+        os.unlink(raw)
+        self.path = path
+
+    def written(self, off: int, n: int, byte: int) -> None:
+        self.expected[off : off + n] = bytes([byte]) * n
 
 
 def check_records(text: str, at_least: int) -> int:

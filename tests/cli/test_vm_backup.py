@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import vmkit
 from support import DV, dv, init_repo, needs_tool
 from vmkit import MiB, build_initramfs, check_records, make_guest_disk, needs_guest, running_guest
 
@@ -33,24 +34,10 @@ def qio(q: QmpClient, dev: str, cmd: str) -> None:
     assert "error" not in out.lower(), out
 
 
-class Disk:
-    """A VM disk and what its guest-visible bytes must be."""
-
-    def __init__(self, path: str, size: int, seed: int) -> None:
-        rnd = random.Random(seed)
-        self.expected = bytearray()
-        while len(self.expected) < size:
-            self.expected += rnd.randbytes(min(16 * MiB, size - len(self.expected)))
-        raw = path + ".raw"
-        with open(raw, "wb") as f:
-            f.write(self.expected)
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, path], check=True)
-        os.unlink(raw)
-        self.path = path
-
+class Disk(vmkit.Disk):
     def write(self, q: QmpClient, dev: str, off: int, n: int, byte: int) -> None:
         qio(q, dev, f"write -P {byte} {off} {n}")
-        self.expected[off : off + n] = bytes([byte]) * n
+        self.written(off, n, byte)
 
 
 def vm_backup(repo: str, name: str, qmp: str, *args: str) -> dict:

@@ -24,6 +24,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from ..errors import VmError
 from .qmp import QmpClient, QmpError
@@ -66,7 +67,10 @@ def thaw(path: str, timeout: float = 30.0) -> int:
 
 
 class GuestFreeze:
-    """``with GuestFreeze(socket):`` — the guest's filesystems frozen inside the block."""
+    """``with GuestFreeze(socket):`` — the guest's filesystems frozen inside the block.
+
+    Subclasses reach the agent another way (libvirt: ``source/libvirt.py``) by
+    overriding ``check``, ``_freeze``, ``_thaw`` and ``_watchdog_cmd``."""
 
     def __init__(self, path: str, limit: float = FREEZE_LIMIT) -> None:
         self.path, self.limit = path, limit
@@ -81,14 +85,23 @@ class GuestFreeze:
         except VmError as e:
             raise VmError(f"guest agent: {e}") from None
 
+    def _freeze(self) -> int:
+        with _agent(self.path, self.limit) as a:
+            return int(a.execute("guest-fsfreeze-freeze"))
+
+    def _thaw(self) -> None:
+        thaw(self.path)
+
+    def _watchdog_cmd(self) -> list[str]:
+        return [sys.executable, "-m", "diskvault.source.guestfreeze", self.path, str(self.limit)]
+
     def __enter__(self) -> GuestFreeze:
         self._guard = subprocess.Popen(
-            [sys.executable, "-m", "diskvault.source.guestfreeze", self.path, str(self.limit)],
+            self._watchdog_cmd(),
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)  # survives a SIGKILL of our process group
         try:
-            with _agent(self.path, self.limit) as a:
-                self.frozen = int(a.execute("guest-fsfreeze-freeze"))
+            self.frozen = self._freeze()
         except BaseException:
             self._release()
             raise
@@ -99,7 +112,7 @@ class GuestFreeze:
 
     def _release(self) -> None:
         try:
-            thaw(self.path)
+            self._thaw()
         finally:
             if self._guard is not None:
                 assert self._guard.stdin is not None
@@ -111,14 +124,15 @@ class GuestFreeze:
                 self._guard = None
 
 
-def _watchdog(path: str, limit: float) -> int:
-    """Wait until stdin closes or ``limit`` seconds pass, then thaw (retrying a while:
-    the agent channel may still be held by our parent for a moment)."""
+def watch(thaw_once: Callable[[], object], limit: float) -> int:
+    """The watchdog's body: wait until stdin closes or ``limit`` seconds pass, then
+    thaw (retrying a while: the agent channel may still be held by our parent for a
+    moment)."""
     select.select([sys.stdin], [], [], limit)
     deadline = time.monotonic() + 120
     while True:
         try:
-            thaw(path)
+            thaw_once()
             return 0
         except VmError:
             if time.monotonic() > deadline:
@@ -127,4 +141,4 @@ def _watchdog(path: str, limit: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_watchdog(sys.argv[1], float(sys.argv[2])))
+    sys.exit(watch(lambda: thaw(sys.argv[1]), float(sys.argv[2])))

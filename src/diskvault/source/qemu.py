@@ -106,18 +106,33 @@ class ImageExport:
     ``path`` is the guest disk as a regular file (read-only unless ``writable``).
     """
 
-    def __init__(self, image: str, fmt: str, writable: bool = False) -> None:
+    def __init__(self, image: str, fmt: str, writable: bool = False,
+                 where: str | None = None) -> None:
         if not have_qemu():
             err = TargetError if writable else SourceError
             raise err(f"{image}: {fmt} images need qemu-img and qemu-storage-daemon "
                       "(Debian: qemu-utils, qemu-system-common)")
         self.image, self.format, self.writable = image, fmt, writable
-        self._dir = tempfile.mkdtemp(prefix="diskvault-qemu-")
+        self._dir = tempfile.mkdtemp(prefix="diskvault-qemu-", dir=where)
         self.path = os.path.join(self._dir, "disk")
         open(self.path, "wb").close()  # a FUSE export mounts over a regular file
         self._proc: subprocess.Popen[bytes] | None = None
+        self._nbd: tuple[str, str] | None = None
 
-    def start(self) -> ImageExport:
+    @classmethod
+    def of_nbd(cls, sock: str, export: str, where: str | None = None) -> ImageExport:
+        """A read-only NBD export (Unix socket ``sock``, export name ``export``) as a
+        FUSE file: ``SEEK_DATA``/``SEEK_HOLE`` follow the server's block status
+        (``base:allocation``). ``where``: the directory to mount in."""
+        exp = cls(f"nbd+unix:///{export}?socket={sock}", "nbd", where=where)
+        exp._nbd = (sock, export)
+        return exp
+
+    def _blockdevs(self) -> list[str]:
+        if self._nbd is not None:
+            sock, export = self._nbd
+            return ["--blockdev", f"driver=nbd,node-name=dv-disk,server.type=unix,"
+                    f"server.path={_escape(sock)},export={_escape(export)},read-only=on"]
         file_opts = f"driver=file,filename={_escape(os.path.abspath(self.image))}," \
                     f"node-name=dv-file,read-only={'off' if self.writable else 'on'}"
         if self.writable:  # zero writes leave clusters unallocated: a sparse image
@@ -131,7 +146,10 @@ class ImageExport:
             # view at best — live guests belong to `vm backup`
             fmt_opts += ",force-share=on"
             file_opts += ",locking=off"
-        cmd = ["qemu-storage-daemon", "--blockdev", file_opts, "--blockdev", fmt_opts,
+        return ["--blockdev", file_opts, "--blockdev", fmt_opts]
+
+    def start(self) -> ImageExport:
+        cmd = ["qemu-storage-daemon", *self._blockdevs(),
                "--export", f"type=fuse,id=dv-export,node-name=dv-disk,mountpoint={self.path},"
                f"writable={'on' if self.writable else 'off'}"]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

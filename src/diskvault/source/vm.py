@@ -132,13 +132,13 @@ def remove_leftovers(q: QmpClient, vm_key: str) -> list[str]:
                 q.execute("blockdev-del", **{"node-name": n["node-name"]})
                 removed.append(f"node {n['node-name']}")
     d = _fleece_dir(vm_key)
-    _unmount_below(d)
+    unmount_below(d)
     if os.path.isdir(d):
         shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
-def _unmount_below(d: str) -> None:
+def unmount_below(d: str) -> None:
     """Lazily unmount FUSE exports left below ``d`` by a QEMU that died (their mount
     points answer ENOTCONN, so ``os.path.ismount`` cannot see them: read the table)."""
     with open("/proc/self/mounts") as f:
@@ -159,6 +159,24 @@ def _wait_jobs_gone(q: QmpClient) -> None:
 
 def _fleece_dir(vm_key: str) -> str:
     return os.path.join(FLEECE_DIR, hashlib.sha256(vm_key.encode()).hexdigest()[:16])
+
+
+def nbd_dirty_extents(sock: str, export: str, context: str, what: str) -> list[tuple[int, int]]:
+    """The byte ranges a dirty bitmap marks, read by ``nbdinfo`` over NBD block status
+    (meta context ``context``, e.g. ``qemu:dirty-bitmap:NAME``) of ``export`` on the
+    Unix socket ``sock``; ``what`` names the disk in errors."""
+    uri = f"nbd+unix:///{export}?socket={sock}"
+    try:
+        r = subprocess.run(["nbdinfo", f"--map={context}", "--json", uri],
+                           capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise SourceError("reading QEMU dirty bitmaps needs nbdinfo (Debian: "
+                          "libnbd-bin)") from None
+    if r.returncode:
+        raise SourceError(f"nbdinfo could not read the dirty bitmap of {what}: "
+                          f"{r.stderr.strip()}")
+    # type bit 0 set = dirty (qemu:dirty-bitmap contexts)
+    return [(e["offset"], e["length"]) for e in json.loads(r.stdout) if e["type"] & 1]
 
 
 def settle_bitmaps(q: QmpClient, d: Drive, tag: str, keep: str | None) -> bool:
@@ -203,6 +221,7 @@ class Snapshot:
         self._jobs: list[str] = []
         self._exports: list[str] = []
         self._committed: set[str] = set()
+        self.fallbacks: dict[str, str] = {}  # QMP decides trust before start: none here
 
     def _node(self, d: Drive, what: str) -> str:
         return f"{PREFIX}{d.node}-{what}"
@@ -270,20 +289,9 @@ class Snapshot:
 
     def dirty_extents(self, d: Drive) -> list[tuple[int, int]]:
         """The byte ranges the old bitmap marks (written since the parent's point in
-        time), read by ``nbdinfo`` over NBD block status."""
-        bm = self.old[d.name]
-        uri = f"nbd+unix:///{d.name}?socket={self._nbd_sock}"
-        try:
-            r = subprocess.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{bm}", "--json", uri],
-                               capture_output=True, text=True, timeout=300)
-        except FileNotFoundError:
-            raise SourceError("reading QEMU dirty bitmaps needs nbdinfo (Debian: "
-                              "libnbd-bin)") from None
-        if r.returncode:
-            raise SourceError(f"nbdinfo could not read the dirty bitmap of {d.name}: "
-                              f"{r.stderr.strip()}")
-        # type bit 0 set = dirty (qemu:dirty-bitmap contexts)
-        return [(e["offset"], e["length"]) for e in json.loads(r.stdout) if e["type"] & 1]
+        time)."""
+        return nbd_dirty_extents(self._nbd_sock, d.name, f"qemu:dirty-bitmap:{self.old[d.name]}",
+                                 d.name)
 
     def commit(self, d: Drive) -> None:
         """The archive of ``d`` is committed: its old bitmap goes at ``close`` (an
@@ -311,7 +319,7 @@ class Snapshot:
             if self.q.alive():
                 raise
         finally:
-            _unmount_below(self._dir)  # a dead QEMU cannot unmount its exports
+            unmount_below(self._dir)  # a dead QEMU cannot unmount its exports
             shutil.rmtree(self._dir, ignore_errors=True)
             self._exports, self._jobs, self._nodes, self.new = [], [], [], {}
 
@@ -336,3 +344,34 @@ class Snapshot:
                     q.execute("block-dirty-bitmap-remove", node=d.node, name=self.old[d.name])
             else:
                 self._abort(d)
+
+
+class QmpVm:
+    """A VM driven over its QMP socket: the hypervisor interface of ``archive/vm.py``."""
+
+    kind = "qmp"
+
+    def __init__(self, q: QmpClient, qmp_path: str) -> None:
+        self.q, self.qmp_path = q, qmp_path
+
+    def identity(self) -> str:
+        return vm_identity(self.q, self.qmp_path)
+
+    def remove_leftovers(self, vm_key: str) -> list[str]:
+        return remove_leftovers(self.q, vm_key)
+
+    def list_drives(self) -> list[Drive]:
+        return list_drives(self.q)
+
+    def settle(self, drives: list[Drive], tag: str, keep: dict[str, str | None],
+               refs: set[str]) -> tuple[dict[str, bool], list[str]]:
+        """Per drive: does ``keep[name]`` hold a trustworthy change record? (``refs``,
+        the records other disks' archives name, matter only where records are shared
+        between disks; QEMU bitmaps are per disk.) Nothing to report as removed:
+        interrupted runs' bitmaps are merged, not dropped."""
+        return {d.name: settle_bitmaps(self.q, d, tag, keep.get(d.name))
+                for d in drives}, []
+
+    def point_in_time(self, vm_key: str, drives: list[Drive], tag: str,
+                      old: dict[str, str | None], refs: dict[str, str]) -> Snapshot:
+        return Snapshot(self.q, vm_key, drives, tag, old)
