@@ -88,6 +88,26 @@ def dv(*args: str, input: bytes | None = None, check: bool = True, env: dict | N
     return r
 
 
+def one_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Assert the CLI failed the way every error must: exit 2, one line, no traceback,
+    naming each of ``needles``; return the line."""
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, (r.returncode, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("diskvault: error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def flip_byte(path: str, offset: int, mask: int = 0x10) -> None:
+    """Bit rot: XOR one byte of a file in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def make_vm_image(path: str, mib: int = 24, seed: int = 1) -> None:
     """A VM-disk-like image: random, text-like, zero and hole regions (1 MiB each)."""
     import random

@@ -133,6 +133,14 @@ class ArchiveNotFound(ArchiveError):
         super().__init__(f"archive {name!r} does not exist")
 
 
+class ArchiveIncomplete(IntegrityError):
+    """A ``check --repair`` lost item metadata of this archive: the items in it are gone,
+    so a restore of "the archive" cannot be complete (names no range: none is known)."""
+
+    def __init__(self, loss: str, remedy: str = "") -> None:
+        super().__init__(f"{loss}{'; ' + remedy if remedy else ''}")
+
+
 # --- keys --------------------------------------------------------------------
 
 

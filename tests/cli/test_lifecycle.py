@@ -7,18 +7,9 @@ import json
 import os
 
 import pytest
-from support import dv, init_repo
+from support import dv, init_repo, one_error
 
 from diskvault.repository.keymanage import PAPER_HEADER
-
-
-def one_error(r, *needles: str) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == 2 and "Traceback" not in err, (r.returncode, err)
-    assert len(err.strip().splitlines()) == 1 and err.startswith("diskvault: error: "), err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 @pytest.fixture
@@ -79,34 +70,6 @@ def test_lost_pack_is_named_repaired_reported_on_restore_and_healed(repo):
         files[name].read_bytes()
     r = dv("check", "--repair", "--yes", path, env=env)
     assert b"mark cleared" in r.stdout
-
-
-def test_bit_rot_needs_verify_data_and_repair_keeps_the_rest(repo):
-    path, env, files = repo
-    victim = _packs_of(path)[2]
-    with open(victim, "r+b") as f:
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 0x10]))
-    assert dv("check", "--repository-only", path, env=env).returncode == 0  # TOCs are fine
-    r = dv("check", "--verify-data", path, env=env, check=False)
-    assert r.returncode == 1 and os.path.basename(victim)[:16].encode() in r.stdout
-    assert b"damaged" in r.stdout
-    dv("check", "--repair", "--verify-data", "--yes", path, env=env, check=False)
-    assert os.path.exists(f"{path}/quarantine/packs/{os.path.basename(victim)}")
-    assert not os.path.exists(victim)
-    restored = 0
-    for n, f in files.items():  # every archive either restores exactly or names the range
-        r = dv("extract", "--stdout", f"{path}::{n}", env=env, check=False)
-        if r.returncode == 0:
-            assert r.stdout == f.read_bytes()
-            restored += 1
-        else:
-            one_error(r, "cannot be restored")
-    assert restored < len(files)  # the rotten chunk was in use: its bytes are reported
-    r = dv("check", "--verify-data", "--repository-only", path, env=env)
-    assert b"no problems found" in r.stdout
 
 
 def test_prune_list_series_and_compact(repo, tmp_path):

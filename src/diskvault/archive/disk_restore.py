@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..blockmap.probe import detect_fs
-from ..errors import ArchiveError, DiskError, IntegrityError, TargetError
+from ..errors import ArchiveError, ArchiveIncomplete, DiskError, IntegrityError, TargetError
 from ..repository.repo import Repository
 from ..source.content import DATA, UNUSED, ZERO
 from ..source.disks import is_mounted
@@ -53,6 +53,8 @@ class DiskArchive:
         if not isinstance(disk, dict) or not isinstance(disk.get("size"), int):
             raise ArchiveError(f"archive {view.name!r} is not a disk archive "
                                "(made by `diskvault disk backup`)")
+        if view.loss:  # the items left cannot tile the disk: say why, not where
+            raise ArchiveIncomplete(view.loss, "the disk cannot be restored from it")
         items = sorted((i for i in view.items if i.disk_offset is not None
                         and i.extents is not None), key=lambda i: i.disk_offset or 0)
         pos = 0

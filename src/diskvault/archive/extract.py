@@ -100,6 +100,9 @@ def iter_pieces(repo: Repository, items: Iterable[Item], workers: int = 2,
                 off += length
                 while len(queue) > prefetch or (queue and not queue[0][5]):
                     yield _resolve(*queue.popleft(), damage)
+            if off != item.size:  # check reports it too; a restore never passes it as right
+                raise IntegrityError(f"{item.path}: extents cover {off} bytes, the item "
+                                     f"has {item.size}: cannot be restored")
         while queue:
             yield _resolve(*queue.popleft(), damage)
     finally:

@@ -1,4 +1,11 @@
-"""Reading a committed archive: its metadata and its items."""
+"""Reading a committed archive: its metadata and its items.
+
+An archive whose item stream lost chunks in a ``check --repair`` (``meta["repaired"]``)
+still opens and lists the items that survived, but it is **incomplete**: the lost items'
+names, sizes and content are unknown, so restoring "the archive" (or its items
+concatenated to stdout) from what is left would be wrong data. ``loss`` says so, and
+restore paths call ``require_complete`` before writing a byte.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from ..errors import IntegrityError, UnsupportedVersion
+from ..errors import ArchiveIncomplete, IntegrityError, UnsupportedVersion
 from ..repository.manifest import ArchiveRef
 from .create import ARCHIVE_VERSION
 from .items import read_item_stream
@@ -40,9 +47,47 @@ class ArchiveView:
     @cached_property
     def items(self) -> list[Item]:
         try:
-            return list(read_item_stream(self.meta.get("items", []), self.repo.get_chunk))
+            items = list(read_item_stream(self.meta.get("items", []), self.repo.get_chunk))
         except IntegrityError as e:
             raise IntegrityError(f"archive {self.name!r}: item metadata: {e}") from None
+        # writers (create, repair) record the count: a stream that decodes to another
+        # number of items is never taken for the whole archive
+        n = self.meta.get("nitems")
+        if type(n) is int and n != len(items):
+            raise IntegrityError(f"archive {self.name!r}: item metadata holds {len(items)} "
+                                 f"item(s), the archive records {n}")
+        return items
+
+    @property
+    def loss(self) -> str | None:
+        """What a repair recorded losing from the item stream, as a message; None if
+        nothing was lost."""
+        return describe_loss(self.name, self.meta.get("repaired"))
+
+    def require_complete(self, allow_loss: bool) -> str | None:
+        """Refuse (ArchiveIncomplete) an archive that lost items, unless ``allow_loss``
+        (``--continue-on-error``): then return the warning to report, exit code 1."""
+        loss = self.loss
+        if loss and not allow_loss:
+            raise ArchiveIncomplete(loss, "--continue-on-error restores the items that are left")
+        return loss
+
+
+def describe_loss(name: str, repaired: object) -> str | None:
+    """``meta["repaired"]`` (a list of ``{lost_item_chunks, items_before, items_after}``
+    records, format.md) as one message; None if it records no loss."""
+    if not repaired:
+        return None
+    recs = repaired if isinstance(repaired, list) else [repaired]
+    chunks = [r.get("lost_item_chunks") if isinstance(r, dict) else None for r in recs]
+    lost = sum(c for c in chunks if type(c) is int)
+    first, last = recs[0], recs[-1]
+    before = first.get("items_before") if isinstance(first, dict) else None
+    after = last.get("items_after") if isinstance(last, dict) else None
+    counts = (f" ({before} item(s) before, {after} after)"
+              if type(before) is int and type(after) is int else "")
+    return (f"archive {name!r} is incomplete: a repair lost {lost or 'some'} chunk(s) of its "
+            f"item metadata{counts}; the items in them cannot be listed or restored")
 
 
 def select_items(items: list[Item], patterns: list[str],

@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     repo_loc, name = split_location(args.location, need_archive=True)
     with open_repo(repo_loc, READ, args.lock_wait) as repo:
         view = ArchiveView.open(repo, name or "")
+        # before a byte is written: what a repair lost cannot be restored, and the rest
+        # alone (above all concatenated on stdout) is not the archive
+        loss = view.require_complete(args.continue_on_error)
         # paths inside a filesystem of an item (disk/part2.files/etc/fstab) go to TSK
         inside = files_paths({i.path for i in view.items}, args.paths)
         paths = [p for p in args.paths if p not in inside]
@@ -52,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
             extract_files(repo, name or "", inside, os.getcwd(),
                           sys.stdout.fileno() if args.stdout else None)
             if not paths:
-                return 0
+                return report_warnings([loss] if loss else [])
         warnings = [f"pattern {p!r} matched no item" for p in unmatched]
+        warnings += [loss] if loss else []
         damage: list[Damage] | None = [] if args.continue_on_error else None
         total = sum(i.size for i in items if i.extents is not None)
         progress = make_progress(args, "extract")

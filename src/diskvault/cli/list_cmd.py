@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
             fmt = "{path}{NL}" if args.short else (args.format or ITEM_FORMAT)
             for i in items:
                 out.write(fmt.format(**item_row(i), **SPECIAL))
+        loss = view.loss  # a listing without the lost items is not the archive's
     out.flush()
-    return report_warnings([f"pattern {p!r} matched no item" for p in unmatched])
+    return report_warnings([f"pattern {p!r} matched no item" for p in unmatched]
+                           + ([loss] if loss else []))
 
 
 def _json_archive(row: dict) -> dict:
