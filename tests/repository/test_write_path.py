@@ -308,3 +308,19 @@ def test_create_stores_every_v2_plain_chunk_untagged(tmp_path, second):
     out = dv("extract", "--stdout", f"{repo}::{'b' if second else 'a'}", env=env).stdout
     with open(img, "rb") as f:
         assert out == f.read()
+
+
+@pytest.mark.parametrize("head_len,body_len", [(0, 0), (9, 1), (9, 15), (9, 4 * MiB), (3, 65537)])
+def test_aes_gcm_parts_are_the_one_shot_seal_byte_for_byte(head_len, body_len):
+    """seal_parts streams head and body into an uninitialised buffer: the stored bytes
+    must be exactly ``seal(aad, head + body)`` with the same nonce (old readers and
+    ``open`` read them), whatever the sizes around GCM's 16-byte blocks."""
+    rnd = random.Random(head_len * 7 + body_len)
+    head, body = rnd.randbytes(head_len), bytearray(rnd.randbytes(body_len))
+    session = rnd.randbytes(16)
+    a, b = AesGcmCipher(KEY, session), AesGcmCipher(KEY, session)  # same nonces
+    for _ in range(2):  # the second seal: the next counter on both
+        parts = a.seal_parts(b"aad", head, body)
+        joined = b"".join(parts)
+        assert joined == bytes(b.seal(b"aad", head + body))
+        assert bytes(a.open(b"aad", joined, "x")) == head + body
