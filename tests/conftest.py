@@ -25,6 +25,10 @@ def pytest_configure(config):
     os.environ["DISKVAULT_CACHE_DIR"] = os.path.join(base, "cache")
     os.environ["DISKVAULT_SECURITY_DIR"] = os.path.join(base, "security")
     _cache_bytecode()
+    # numpy's OpenBLAS starts a thread per core at import and they spin: ~0.1 s of CPU
+    # per CLI start, taken from whatever runs beside it (QEMU under TCG, servers, the
+    # CLI's own workers). diskvault does no linear algebra.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _cache_bytecode() -> None:
