@@ -24,6 +24,25 @@ def pytest_configure(config):
     os.environ["DISKVAULT_KEYS_DIR"] = os.path.join(base, "keys")
     os.environ["DISKVAULT_CACHE_DIR"] = os.path.join(base, "cache")
     os.environ["DISKVAULT_SECURITY_DIR"] = os.path.join(base, "security")
+    _cache_bytecode()
+    # numpy's OpenBLAS starts a thread per core at import and they spin: ~0.1 s of CPU
+    # per CLI start, taken from whatever runs beside it (QEMU under TCG, servers, the
+    # CLI's own workers). diskvault does no linear algebra.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _cache_bytecode() -> None:
+    """The suite starts the CLI ~2,000 times, each a fresh interpreter (tests/dv_entry.py)
+    whose start is mostly imports. Where PYTHONDONTWRITEBYTECODE is set, every one of them
+    compiled all of diskvault again (~0.15 s of a ~0.5 s start). Bytecode is cached once,
+    in a temp dir outside the source tree (pyc files are checked against their source's
+    mtime and size, so a stale one is never used)."""
+    import tempfile
+
+    if not os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+        return  # bytecode is written the usual way (__pycache__ beside the sources)
+    os.environ.setdefault("PYTHONPYCACHEPREFIX",
+                          os.path.join(tempfile.gettempdir(), "diskvault-test-pycache"))
 
 
 def pytest_collection_modifyitems(config, items):

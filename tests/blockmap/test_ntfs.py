@@ -24,7 +24,7 @@ from blockmap.ntfs_fat_xfs_helpers import (
     write_files,
 )
 from blockmap.verify import restore_used_only
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import loop_device, needs_loop, needs_tool
 
@@ -272,6 +272,7 @@ def plain_bytes(plain) -> bytearray:
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(flips=[("boot", 13, 0)])  # 0 sectors per cluster once divided by zero
 @given(st.lists(st.tuples(st.sampled_from(["boot", "mft"]), st.integers(0, 16383),
                           st.integers(0, 255)), min_size=1, max_size=4))
 def test_corrupted_metadata_never_crashes(plain_bytes, flips) -> None:

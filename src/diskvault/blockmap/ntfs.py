@@ -179,7 +179,7 @@ class Volume:
             raise BlockMapError(f"NTFS: bad bytes per sector {bps}")
         # values above 0x80 encode a power of two: 2**(256 - value) sectors (>64 KiB clusters)
         spc = spc_raw if spc_raw <= 0x80 else 1 << (256 - spc_raw)
-        if spc & (spc - 1) or spc * bps > 2 << 20:
+        if spc == 0 or spc & (spc - 1) or spc * bps > 2 << 20:  # 0: no power of two
             raise BlockMapError(f"NTFS: bad sectors per cluster {spc_raw}")
         if boot[0x0E:0x10] != b"\0\0" or boot[0x10] or boot[0x11:0x15] != b"\0\0\0\0":
             raise BlockMapError("NTFS: BPB fields that must be zero are not")
