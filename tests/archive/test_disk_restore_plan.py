@@ -71,11 +71,11 @@ def test_archive_tiling_and_table_round_trip(archived):
     fake_meta = {"disk": arch.disk}
     for items in (arch.items[:4] + arch.items[5:],
                   [replace(arch.items[0], size=arch.items[0].size + 1)] + arch.items[1:]):
-        view = SimpleNamespace(name="g", meta=fake_meta, items=items)
+        view = SimpleNamespace(name="g", meta=fake_meta, items=items, loss=None)
         with pytest.raises(IntegrityError, match="does not continue the disk"):
             DiskArchive.from_view(view)  # type: ignore[arg-type]
     with pytest.raises(ArchiveError, match="is not a disk archive"):
-        DiskArchive.from_view(SimpleNamespace(name="x", meta={}, items=[]))  # type: ignore
+        DiskArchive.from_view(SimpleNamespace(name="x", meta={}, items=[], loss=None))  # type: ignore
 
 
 def test_plan_for_new_image_and_larger_target(archived, tmp_path):

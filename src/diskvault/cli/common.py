@@ -112,9 +112,8 @@ def open_repo(location: str, mode: str = READ, lock_wait: float = 1.0) -> Iterat
 def stop_on_signals(stop: Callable[[], None]) -> None:
     """For a command serving on the running event loop until told to stop (serve-nbd,
     instant-restore): SIGINT, SIGTERM and SIGHUP call ``stop`` so that it shuts down
-    cleanly; SIGPIPE is ignored again (main() lets it kill the process, for `| head`), as
-    a client that hangs up while a reply is written must end only its own connection."""
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    cleanly. (SIGPIPE stays ignored, as main() leaves it: a client that hangs up while a
+    reply is written ends only its own connection.)"""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 import traceback
@@ -101,10 +102,31 @@ def _tune_malloc() -> None:
         pass  # not glibc: correct, just slower
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout went away (a pipe's read end closed: POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _die_of_sigpipe() -> None:
+    """End as `cat` would when its reader leaves: silently, killed by SIGPIPE (status 141
+    in the shell, so `set -o pipefail` sees what it always saw)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # buffered text: gone
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: the signal ends the process
+
+
 def main(argv: list[str] | None = None) -> int:
     _tune_malloc()
-    # a closed pipe (`| head`) ends the output quietly instead of a BrokenPipeError trace
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): a backup server that resets its
+    # connection while paramiko, boto or http.client sends must be an error the storage
+    # layer retries, not the death of the process. A closed stdout (`| head`) ends the
+    # command quietly instead, below.
     debug = bool(os.environ.get("DISKVAULT_DEBUG")) or "--debug" in (argv or sys.argv)
     # before parsing: a usage error is a JSON line too when --log-json was asked for
     log.configure("--log-json" in (argv or sys.argv[1:]))
@@ -113,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         log.configure(args.log_json)
         if getattr(args, "rsh", None) is not None:  # read where an SFTP store is opened
             os.environ[RSH_ENV] = args.rsh
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below
+        return code
+    except BrokenPipeError as e:
+        if _stdout_closed():
+            _die_of_sigpipe()  # after the `with` blocks above released locks and files
+        if debug:
+            traceback.print_exc()
+        log.error(f"broken pipe: {e}")
+        return 2
     except DiskvaultError as e:
         if debug:
             traceback.print_exc()

@@ -98,7 +98,7 @@ class QmpClient:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        try:  # MSG_NOSIGNAL: diskvault restores SIGPIPE's default for `extract | head`
+        try:  # MSG_NOSIGNAL: no SIGPIPE whatever its disposition in the embedding process
             self._sock.sendall(json.dumps(msg).encode() + b"\n", socket.MSG_NOSIGNAL)
         except OSError as e:
             self._closed = True

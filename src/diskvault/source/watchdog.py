@@ -92,7 +92,7 @@ class Watchdog:
         self.released: tuple[bool, str] | None = None
         # a socket, not a pipe, towards the watchdog: a watchdog that already acted (its
         # deadline) has closed its end, and a send with MSG_NOSIGNAL then fails with EPIPE
-        # instead of killing diskvault with SIGPIPE (the CLI restores SIGPIPE's default)
+        # instead of raising SIGPIPE (ignored by the CLI, but not by every embedder)
         self.sock, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
