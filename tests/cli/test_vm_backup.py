@@ -335,6 +335,16 @@ def test_guest_fsfreeze_without_an_answering_agent_warns(paused, tmp_path):
     assert r.returncode == 1, r.stderr
     assert b"crash-consistent only" in r.stderr
     assert dv("extract", "--stdout", f"{repo}::w").stdout == bytes(disks["vda"].expected)
+    # with --log-json every line on stderr is JSON: the warning, the per-drive report
+    r = dv("vm", "backup", "--log-json", "--guest-fsfreeze", "--qmp", g.qmp, "--drive", "vda",
+           f"{repo}::w2", check=False)
+    assert r.returncode == 1, r.stderr
+    recs = [json.loads(line) for line in r.stderr.decode().splitlines()]
+    assert {rec["type"] for rec in recs} == {"log_message"}, recs
+    assert any(rec["levelname"] == "WARNING" and "crash-consistent only" in rec["message"]
+               for rec in recs), recs
+    assert any(rec["levelname"] == "INFO" and "vda → w2: incremental" in rec["message"]
+               for rec in recs), recs
 
 
 def test_vm_going_away_mid_backup_is_one_clear_error(tmp_path):

@@ -4,6 +4,7 @@ the read, SIGTERM, and (through the watchdog) SIGKILL of diskvault."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,17 @@ def test_failing_pre_command_reads_nothing_and_post_still_runs(setup):
         "diskvault: error: --pre-command failed with exit code 3: nothing was read"]
     assert _lines(log) == ["pre", "post"]
     assert dv("list", repo, env=env).stdout == b""
+
+
+def test_undo_warnings_after_an_error_are_json_lines_with_log_json(setup):
+    repo, env, src, log, _, _ = setup
+    r = dv("create", "--log-json", "--pre-command", "exit 3", "--post-command", "exit 4",
+           f"{repo}::a", str(src), env=env, check=False)
+    assert r.returncode == 2
+    recs = [json.loads(line) for line in r.stderr.decode().splitlines()]
+    assert [(rec["type"], rec["levelname"]) for rec in recs] == [
+        ("log_message", "WARNING"), ("log_message", "ERROR")], recs
+    assert recs[0]["message"] == "--post-command failed (exit code 4)"
 
 
 def test_failing_post_command_is_a_warning(setup):

@@ -47,7 +47,8 @@ def enter_point_in_time(stack: contextlib.ExitStack, pit_opts: PointInTimeOption
     if not pit_opts.active:
         return None
     refuse_taken_name(repo, name)
-    pit = stack.enter_context(PointInTime(pit_opts, paths, protected_paths(repo_loc)))
+    pit = stack.enter_context(PointInTime(pit_opts, paths, protected_paths(repo_loc),
+                                          warn=log.warning))
     opts.before_commit = pit.check
     return pit
 

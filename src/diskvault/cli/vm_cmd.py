@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from collections.abc import Callable, Iterator
 
 from ..archive.vm import Hypervisor, VmBackupResult, backup_vm
@@ -20,6 +19,7 @@ from ..source.guestfreeze import AGENT_NAME, GuestFreeze, find_agent_socket
 from ..source.libvirt import LibvirtFreeze, LibvirtVm, Virsh
 from ..source.qmp import QmpClient
 from ..source.vm import QmpVm
+from . import log
 from .common import WRITE, add_common, expand_placeholders, open_repo, split_location
 from .options import add_archive_options, create_options, make_progress
 from .output import fmt_size, stats_lines
@@ -69,9 +69,6 @@ def run(args: argparse.Namespace) -> int:
     progress = make_progress(args, "vm backup")
     opts = create_options(args, progress)
 
-    def note(msg: str) -> None:
-        sys.stderr.write(f"diskvault: note: {msg}\n")
-
     if args.connect and not args.libvirt:
         raise VmError("--connect goes with --libvirt")
     if args.qga and not args.qmp:
@@ -84,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
             freeze, why = find_freeze()
             if why:
                 warnings.append(why)
-                sys.stderr.write(f"diskvault: warning: {why}\n")
-        result = backup_vm(repo, hv, name, opts, args.drive, freeze=freeze, note=note)
+                log.warning(why)
+        result = backup_vm(repo, hv, name, opts, args.drive, freeze=freeze, note=log.note)
         if progress:
             progress.done(sum(d.result.stats.original for d in result.drives))
         _report(args, repo, result)
@@ -137,8 +134,8 @@ def _report(args: argparse.Namespace, repo: Repository, r: VmBackupResult) -> No
     for d in r.drives:
         how = (f"incremental: {fmt_size(d.dirty)} marked dirty" if d.mode == "incremental"
                else f"full read ({d.reason})" if d.reason else "full read")
-        sys.stderr.write(f"diskvault: {d.drive} → {d.archive}: {how}; read "
-                         f"{fmt_size(d.result.stats.read)} of {fmt_size(d.size)}\n")
+        log.info(f"{d.drive} → {d.archive}: {how}; read "
+                 f"{fmt_size(d.result.stats.read)} of {fmt_size(d.size)}")
         if args.stats:
             ref = repo.manifest.archives.get(d.archive)
             print("\n".join(stats_lines(d.result.meta, ref.id.hex() if ref else None)))

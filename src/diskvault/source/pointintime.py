@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -56,12 +56,14 @@ class PointInTime:
 
     ``warnings`` collects what went wrong while undoing (a failing post command, a
     snapshot that could not be deleted); ``finish()`` turns them into a Warning_ after a
-    successful backup; after a failed one they are printed and the error stays.
+    successful backup; after a failed one they go to ``warn`` (the CLI's log, so
+    ``--log-json`` gets JSON lines) and the error stays.
     """
 
     def __init__(self, opts: PointInTimeOptions, paths: list[str],
-                 protect: dict[str, str]) -> None:
+                 protect: dict[str, str], warn: Callable[[str], None] | None = None) -> None:
         self.opts = opts
+        self.warn = warn or (lambda w: sys.stderr.write(f"diskvault: warning: {w}\n"))
         self.paths = paths
         self.protect = protect
         self.snaps = Snapshots()
@@ -104,8 +106,11 @@ class PointInTime:
         try:
             self._take(roots)
         except BaseException:
-            self._undo()
-            self._restore_signals()
+            try:
+                self._undo()
+            finally:
+                self._restore_signals()
+            self._warn_all()  # a failed post command or snapshot removal is said too
             raise
         return self
 
@@ -149,9 +154,14 @@ class PointInTime:
         finally:
             self._restore_signals()
         if exc is not None:
-            for w in self.warnings:  # the error is what the user reads last
-                sys.stderr.write(f"diskvault: warning: {w}\n")
-            self.warnings.clear()
+            self._warn_all()
+
+    def _warn_all(self) -> None:
+        """After an error: the undo's warnings now, as the error is what the user reads
+        last (after a success finish() turns them into the command's warning)."""
+        for w in self.warnings:
+            self.warn(w)
+        self.warnings.clear()
 
     def finish(self) -> None:
         """After a successful backup: warnings of the undo end it with exit code 1."""
