@@ -152,10 +152,17 @@ class SeekableContent:
                 self.stats.zero += n
                 self.stats.holes += n
             return kind, n, None
-        buf = bytearray(n)
-        view = memoryview(buf)
-        for off, ln in ranges:
-            _pread_into(self.fd, view[off - a : off - a + ln], self.start + off, self.what)
+        buf: bytes | bytearray = b""
+        if got == n:  # the common case, all data: one pread into a new, unzeroed buffer
+            try:
+                buf = os.pread(self.fd, n, self.start + a)
+            except OSError:
+                pass  # retried below, where the error is reported with its offset
+        if len(buf) != n:  # holes to leave zero, a short read, an error
+            buf = bytearray(n)
+            view = memoryview(buf)
+            for off, ln in ranges:
+                _pread_into(self.fd, view[off - a : off - a + ln], self.start + off, self.what)
         self.stats.read += got
         skipped = n - got
         if has_unused:
