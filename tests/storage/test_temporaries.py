@@ -161,7 +161,7 @@ def test_sftp_judges_writers_of_this_boot_and_waits_out_others(sftp_server, tmp_
     here = sftp._Here.get()
     me = os.getpid()
     other_boot, other_machine = "b" * 16, "c" * 16
-    live = _sftp_tmp(here.machine, here.boot, here.pidns, me, int(here.tag.rsplit("-", 1)[1]))
+    live = _sftp_tmp(here.machine, here.boot, here.pidns, me, here.start)
     pid_reused = _sftp_tmp(here.machine, here.boot, here.pidns, me, 1)
     other_container = _sftp_tmp(here.machine, here.boot, here.pidns + 1, 99999999, 1)
     rebooted = _sftp_tmp(here.machine, other_boot, here.pidns, me, 1)

@@ -23,6 +23,7 @@ import stat
 import subprocess
 
 from ..errors import SnapshotError
+from ..storage.node import process_gone, process_start, read_id
 
 PREFIX = ".diskvault-snap-"
 _NAME = re.compile(r"\.diskvault-snap-([0-9a-f]{32})-(\d+)-(\d+)-[0-9a-f]+\Z")
@@ -31,25 +32,12 @@ SUBVOL_ROOT_INO = 256
 
 
 def boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip().replace("-", "")
-
-
-def start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if there is no such pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # the command name (field 2) may hold spaces and parentheses: split after the last ")"
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[19])  # field 22 overall
+    return read_id("/proc/sys/kernel/random/boot_id").replace("-", "")
 
 
 def own_tag() -> str:
     pid = os.getpid()
-    return f"{boot_id()}-{pid}-{start_time(pid)}"
+    return f"{boot_id()}-{pid}-{process_start(pid)}"
 
 
 def is_btrfs(path: str) -> bool:
@@ -114,7 +102,7 @@ def stale_snapshots(root: str) -> list[str]:
         if not m or not _is_subvolume(os.path.join(root, n)):
             continue
         sboot, pid, started = m.group(1), int(m.group(2)), int(m.group(3))
-        if sboot != boot or start_time(pid) != started:
+        if sboot != boot or process_gone(pid, started):
             out.append(os.path.join(root, n))
     return out
 

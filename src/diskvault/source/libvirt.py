@@ -45,6 +45,7 @@ import time
 import xml.etree.ElementTree as ET
 
 from ..errors import SourceError, VmError
+from ..storage.node import process_gone, process_start
 from .guestfreeze import FREEZE_LIMIT, GuestFreeze, watch
 from .qemu import ImageExport
 from .vm import FLEECE_DIR, PREFIX, Drive, nbd_dirty_extents, unmount_below
@@ -89,30 +90,21 @@ def _run_dir(vm_key: str) -> str:
     return os.path.join(FLEECE_DIR, "libvirt-" + hashlib.sha256(vm_key.encode()).hexdigest()[:16])
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (tells a live owner from a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _owner_alive(run_dir: str) -> int | None:
     """The pid of the diskvault process that owns ``run_dir``, if it still runs."""
     try:
         with open(os.path.join(run_dir, "owner")) as f:
-            pid_s, start = f.read().split()
-        pid = int(pid_s)
+            pid, start = (int(v) for v in f.read().split())
     except (OSError, ValueError):
         return None
-    return pid if pid != os.getpid() and _proc_start(pid) == start else None
+    return pid if pid != os.getpid() and not process_gone(pid, start) else None
 
 
 class LibvirtVm:
     """A running libvirt domain: the hypervisor interface of ``archive/vm.py``."""
 
     kind = "libvirt"
+    record_lost = "its checkpoint is gone (deleted by hand?) or no longer covers it"
 
     def __init__(self, virsh: Virsh, domain: str) -> None:
         self.virsh, self.domain = virsh, domain
@@ -241,7 +233,7 @@ class LibvirtVm:
         covers: dict[str, set[str]] = {}
         for dr in drives:
             k = keep.get(dr.name)
-            if k and k in ours and k in refs and k not in covers:
+            if k and k in ours and k not in covers:  # k: named by an archive (refs)
                 covers[k] = self.checkpoint_disks(k)
             trusted[dr.name] = bool(k and dr.name in covers.get(k, ()))
         return trusted, removed
@@ -340,7 +332,7 @@ class LibvirtBackup:
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         try:
             with open(os.path.join(self._dir, "owner"), "w") as f:
-                f.write(f"{os.getpid()} {_proc_start(os.getpid())}\n")
+                f.write(f"{os.getpid()} {process_start(os.getpid())}\n")
             owner = self.vm.qemu_owner()
             if owner is not None and owner[0] != os.geteuid() and os.geteuid() == 0:
                 os.chown(self._dir, *owner)  # 0700 still: only QEMU's user and root

@@ -60,3 +60,16 @@ def process_start(pid: int) -> int | None:
         return int(fields[19])  # field 22 counted from the state, field 3
     except (IndexError, ValueError):
         return None
+
+
+def process_gone(pid: int, start: int | None) -> bool:
+    """Whether the process ``pid`` that started at ``start`` (clock ticks since boot;
+    None: not recorded) is provably gone: no such pid, or the pid now belongs to a
+    process started at another time. A pid that /proc hides (``hidepid``) but that
+    ``kill(pid, 0)`` finds is not gone: its start time cannot be compared."""
+    if not pid_alive(pid):
+        return True
+    if start is None:
+        return False
+    now = process_start(pid)
+    return now is not None and now != start

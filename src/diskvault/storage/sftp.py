@@ -55,7 +55,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from ..errors import ObjectMissing, RepositoryExists, StorageFull
 from .base import Store
-from .node import node_identity, pid_alive, process_start
+from .node import node_identity, process_gone, process_start
 from .retry import storage_error
 
 ACCEPT_NEW_ENV = "DISKVAULT_SFTP_ACCEPT_NEW_HOSTKEY"
@@ -98,8 +98,8 @@ class _Here:
         self.machine = _digest(socket.gethostname(), node["machine"])
         self.boot = _digest(node["boot"])
         self.pidns = int(node["pidns"])
-        self.tag = (f"{self.machine}-{self.boot}-{self.pidns}-{self.pid}-"
-                    f"{process_start(self.pid) or 0}")
+        self.start = process_start(self.pid) or 0  # 0: /proc could not tell
+        self.tag = f"{self.machine}-{self.boot}-{self.pidns}-{self.pid}-{self.start}"
 
     @classmethod
     def get(cls) -> _Here:
@@ -122,9 +122,8 @@ def writer_gone(filename: str) -> bool | None:
     if boot != _UNKNOWN and boot == here.boot:
         if not pidns or pidns != here.pidns:
             return None  # another container on this kernel: other pids
-        if not start:  # written where /proc could not tell the start time
-            return not pid_alive(pid)
-        return process_start(pid) != start  # gone, or the pid now is another process's
+        # 0: written where /proc could not tell the start time
+        return process_gone(pid, start or None)
     if _UNKNOWN not in (machine, boot, here.boot) and machine == here.machine:
         return True  # this machine, an earlier boot: every process of it is gone
     return None
