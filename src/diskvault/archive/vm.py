@@ -62,6 +62,7 @@ class Hypervisor(Protocol):
     ``vm.bitmap`` and trusted only for that archive."""
 
     kind: str
+    record_lost: str  # why a disk's change record cannot be trusted: the full read's reason
 
     def identity(self) -> str: ...
     def remove_leftovers(self, vm_key: str) -> list[str]: ...
@@ -173,9 +174,7 @@ def backup_vm(repo: Repository, hv: Hypervisor, name: str, opts: CreateOptions,
     old: dict[str, str | None] = {}
     for d in drives:
         if keep[d.name] and not trusted[d.name]:
-            why[d.name] = ("its dirty bitmap is gone or inconsistent (VM restarted, raw disk, "
-                           "or removed by hand)" if hv.kind == "qmp" else
-                           "its checkpoint is gone (deleted by hand?) or no longer covers it")
+            why[d.name] = hv.record_lost
         old[d.name] = keep[d.name] if trusted[d.name] else None
     snap = hv.point_in_time(vm_key, drives, tag, old, dict(refs))
     snap.start(freeze)

@@ -52,7 +52,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 class PointInTime:
-    """Context manager: ``with PointInTime(opts, paths, protect) as pit: pit.path(p)``.
+    """Context manager: ``with PointInTime(opts, paths, protect, warn) as pit: pit.path(p)``.
 
     ``warnings`` collects what went wrong while undoing (a failing post command, a
     snapshot that could not be deleted); ``finish()`` turns them into a Warning_ after a
@@ -61,9 +61,9 @@ class PointInTime:
     """
 
     def __init__(self, opts: PointInTimeOptions, paths: list[str],
-                 protect: dict[str, str], warn: Callable[[str], None] | None = None) -> None:
+                 protect: dict[str, str], warn: Callable[[str], None]) -> None:
         self.opts = opts
-        self.warn = warn or (lambda w: sys.stderr.write(f"diskvault: warning: {w}\n"))
+        self.warn = warn
         self.paths = paths
         self.protect = protect
         self.snaps = Snapshots()

@@ -350,6 +350,8 @@ class QmpVm:
     """A VM driven over its QMP socket: the hypervisor interface of ``archive/vm.py``."""
 
     kind = "qmp"
+    record_lost = ("its dirty bitmap is gone or inconsistent (VM restarted, raw disk, or "
+                   "removed by hand)")
 
     def __init__(self, q: QmpClient, qmp_path: str) -> None:
         self.q, self.qmp_path = q, qmp_path
