@@ -280,6 +280,30 @@ class Disk:
         self.expected[off : off + n] = bytes([byte]) * n
 
 
+def fleece_mounted() -> bool:
+    """Whether a fleece export of diskvault's is mounted (its FUSE view of a disk)."""
+    with open("/proc/self/mounts") as f:
+        return "diskvault-fleece" in f.read()
+
+
+def records_in(repo: str, name: str, tmp_path, env: dict | None = None,
+               frozen: bool = False) -> str:
+    """The guest's record file as archive ``name`` holds it: after journal replay, or
+    (``frozen``: the backup froze the guest) from a filesystem that must be clean as
+    it is, with no journal to replay."""
+    from support import dv
+
+    part = str(tmp_path / f"{name}.p1")
+    with open(part, "wb") as f:
+        f.write(dv("extract", "--stdout", f"{repo}::{name}", "disk/part1", env=env).stdout)
+    fsck = subprocess.run(["e2fsck", "-fn" if frozen else "-fy", part], capture_output=True,
+                          text=True)
+    # -fy exits 1 when it replayed the journal (fixed what a crash leaves)
+    assert fsck.returncode in ((0,) if frozen else (0, 1)), fsck.stdout + fsck.stderr
+    return subprocess.run(["debugfs", "-R", "cat /records", part], capture_output=True,
+                          check=True).stdout.decode()
+
+
 def check_records(text: str, at_least: int) -> int:
     """``text`` is a gap-free prefix ``record 0 .. record k-1`` (a last line cut short
     by the point in time is allowed) with k ≥ ``at_least``; returns k."""

@@ -20,7 +20,16 @@ import sys
 import pytest
 import vmkit
 from support import DV, dv, init_repo, needs_tool
-from vmkit import MiB, build_initramfs, check_records, make_guest_disk, needs_guest, running_guest
+from vmkit import (
+    MiB,
+    build_initramfs,
+    check_records,
+    fleece_mounted,
+    make_guest_disk,
+    needs_guest,
+    records_in,
+    running_guest,
+)
 
 from diskvault.source.qmp import QmpClient
 
@@ -63,15 +72,9 @@ def our_bitmaps(qmp: str) -> dict[str, list[str]]:
                 if not n["node-name"].startswith(("diskvault-", "file"))}
 
 
-def fleece_mounted() -> bool:
-    with open("/proc/self/mounts") as f:
-        return "diskvault-fleece" in f.read()
-
-
 def assert_clean(qmp: str) -> None:
     assert leftovers(qmp) == {"jobs": [], "exports": [], "nodes": []}
-    with open("/proc/self/mounts") as f:
-        assert "diskvault-fleece" not in f.read()
+    assert not fleece_mounted()
 
 
 @pytest.fixture
@@ -202,18 +205,6 @@ def live(tmp_path_factory):
         yield g
 
 
-def records_in(repo: str, name: str, tmp_path, env: dict | None = None) -> str:
-    """The guest's record file as the archive holds it (after journal replay)."""
-    part = str(tmp_path / f"{name}.p1")
-    with open(part, "wb") as f:
-        f.write(dv("extract", "--stdout", f"{repo}::{name}", "disk/part1", env=env).stdout)
-    fsck = subprocess.run(["e2fsck", "-fy", part], capture_output=True, text=True)
-    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr  # 1: journal replayed
-    r = subprocess.run(["debugfs", "-R", "cat /records", part], capture_output=True,
-                       check=True)
-    return r.stdout.decode()
-
-
 @needs_guest
 def test_running_guest_two_backups_hold_every_synced_record(live, tmp_path):
     repo = str(tmp_path / "repo")
@@ -304,15 +295,8 @@ def test_guest_fsfreeze_gives_clean_filesystems_and_always_thaws(live, tmp_path)
     j = vm_backup(repo, "f1", live.qmp, "--guest-fsfreeze")
     a = j["archives"][0]
     assert a["consistency"] == "application" and a["frozen"] >= 1, a
-    part = str(tmp_path / "f1.p1")
-    with open(part, "wb") as f:
-        f.write(dv("extract", "--stdout", f"{repo}::f1", "disk/part1").stdout)
     # frozen: the filesystem is clean as it is, no journal to replay
-    fsck = subprocess.run(["e2fsck", "-fn", part], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    text = subprocess.run(["debugfs", "-R", "cat /records", part], capture_output=True,
-                          check=True).stdout.decode()
-    check_records(text, before)
+    check_records(records_in(repo, "f1", tmp_path, frozen=True), before)
     live.wait_records(live.records_announced() + 5)  # thawed: the guest writes on
     # SIGKILL while frozen: the watchdog process thaws the guest
     qga = live.qga

@@ -3,6 +3,7 @@ written with writev, untagged (suite 2) chunks, sampled ``auto`` compression."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -289,11 +290,13 @@ def test_create_stores_every_v2_plain_chunk_untagged(tmp_path, second):
     env = init_repo(repo, "none")
     dv("create", f"{repo}::a", img, env=env)
     if second:  # scattered 4 KiB changes: the windows become delta extents
+        rnd = random.Random(4)
         with open(img, "r+b") as f:
             for i in range(0, 12 << 20, 1 << 20):
                 f.seek(i + 8192)
-                f.write(os.urandom(4096))
-        dv("create", f"{repo}::b", img, env=env)
+                f.write(rnd.randbytes(4096))
+        stats = json.loads(dv("create", "--json", f"{repo}::b", img, env=env).stdout)
+        assert stats["archive"]["stats"]["delta_blocks"] > 0  # patches were written
     c = codec(False, untagged=True)
     packs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs"))
              for f in fs]
