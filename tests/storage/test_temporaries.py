@@ -185,3 +185,54 @@ def test_sftp_judges_writers_of_this_boot_and_waits_out_others(sftp_server, tmp_
                     foreign_old, legacy_old} - gone
     assert dict(store.list("")) == {}  # temporaries are never values
     store.close()
+
+
+def test_sftp_file_written_to_after_listing_is_kept(sftp_server, tmp_path, monkeypatch):
+    """A foreign temporary old when listed but written to before its removal (someone is
+    at it after all): the age is checked again just before the remove, and it stays."""
+    root = tmp_path / "repo"
+    sftp_server.configure_client(Path(os.environ["HOME"]))
+    store = open_store(sftp_server.url(str(root)), retry=False)
+    store.create()
+    name = _sftp_tmp("c" * 16, "b" * 16, 1, 2, 1)  # another machine's writer
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(b"x" * 10)
+    past = time.time() - sftp.FOREIGN_AGE - 60
+    os.utime(root / name, (past, past))
+    real_remove = store._remove_temporary
+    touched: list[str] = []
+
+    def written_meanwhile(n: str, recheck_age: bool) -> bool:
+        os.utime(root / n)  # its writer wrote to it between the listing and now
+        touched.append(n)
+        return real_remove(n, recheck_age)
+
+    monkeypatch.setattr(store, "_remove_temporary", written_meanwhile)
+    assert store.temporaries(remove=True) == []
+    assert touched == [name] and (root / name).exists()
+    store.close()
+
+
+def test_sftp_writer_whose_file_a_cleaner_took_stores_again(sftp_server, tmp_path,
+                                                            monkeypatch):
+    """Were a live writer's temporary removed all the same, nothing is lost: its rename
+    by the old name fails (ENOENT: transient) and the retry stores under a new name."""
+    root = tmp_path / "repo"
+    sftp_server.configure_client(Path(os.environ["HOME"]))
+    store = open_store(sftp_server.url(str(root)))  # with retries, as commands use it
+    store.create()
+    real_write = sftp.SftpStore._write
+    taken: list[str] = []
+
+    def write_then_lose(self, c, path: str, value) -> None:
+        real_write(self, c, path, value)
+        if not taken:  # the first attempt's file vanishes before its rename
+            taken.append(path)
+            c.remove(path)
+
+    monkeypatch.setattr(sftp.SftpStore, "_write", write_then_lose)
+    store.store("packs/cd/value", b"payload")
+    assert len(taken) == 1  # the fault fired
+    assert store.load("packs/cd/value") == b"payload"
+    assert not [p for p in root.rglob("*") if ".tmp" in p.name]
+    store.close()
