@@ -25,9 +25,9 @@ from typing import NamedTuple
 import blake3
 import numpy as np
 
+from ..crypto.blockhash import BLOCK, keyed_blocks
 from ..errors import IntegrityError
 
-BLOCK = 4096
 FP_LEN = 8
 FP_CHUNK_BLOCKS = 1 << 16  # 64 Ki blocks = 256 MiB of item per fingerprint chunk (512 KiB)
 # A patch beyond a quarter of its window is stored whole: the restore would read the
@@ -68,17 +68,9 @@ class Fingerprinter:
 
     def blocks(self, data: bytes | bytearray | memoryview) -> bytes:
         """The fingerprints of every 4 KiB block of ``data`` (a short last block as is)."""
-        # one keyed hasher, reset per block: a new keyed hasher per block costs a key
-        # parse and two objects, ~20 % of the CPU this loop takes (a million blocks in
-        # 4 GiB); a hasher per call keeps the worker threads apart
-        mv, h = memoryview(data), blake3.blake3(key=self._fp_key, max_threads=1)
-        reset, update, digest = h.reset, h.update, h.digest
-        out = []
-        for i in range(0, len(mv), BLOCK):
-            reset()
-            update(mv[i : i + BLOCK])
-            out.append(digest(FP_LEN))
-        return b"".join(out)
+        fps = keyed_blocks(self._fp_key, data, FP_LEN)
+        tail = len(data) % BLOCK
+        return fps + self._one(memoryview(data)[len(data) - tail :]) if tail else fps
 
     def zeros(self, length: int) -> bytes:
         """Fingerprints of ``length`` zero bytes (zero and unused runs)."""
