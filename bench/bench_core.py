@@ -13,8 +13,12 @@ under the same path as the first, as a nightly backup sees it), `extract --stdou
 second — wall time, CPU time, peak RSS, repository size (and what the second added).
 
     python3 bench/bench_core.py [--size-gib 4] [--work DIR] [--skip-restic] [--only vm]
+                                [--repeat 3]
 
 Prints a table and ratios diskvault/borg with the same compression and encryption.
+``--repeat N`` runs every configuration N times, in rounds (each round runs every tool
+once, so a slow spell of the host falls on all of them), and reports the median of each
+time; on a shared or nested-virtualised host one run varies by ±10 %.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -237,6 +242,17 @@ def bench_restic(work, img1, img2):
     return res
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One result from repeated runs of a configuration: the median of each time, the
+    largest RSS; the sizes are the same in every run."""
+    out = dict(runs[-1])
+    for phase in ("first", "second", "extract"):
+        out[phase] = {"wall": statistics.median(r[phase]["wall"] for r in runs),
+                      "cpu": statistics.median(r[phase]["cpu"] for r in runs),
+                      "rss": max(r[phase]["rss"] for r in runs)}
+    return out
+
+
 def report(name: str, size: int, results: dict) -> None:
     print(f"\n=== {name}: {size / MiB:.0f} MiB image ===")
     hdr = (f"{'tool/config':34} {'1st MB/s':>9} {'2nd MB/s':>9} {'extr MB/s':>9} "
@@ -279,6 +295,8 @@ def main() -> None:
     ap.add_argument("--enc", default="none,repokey", help="encryption modes to run")
     ap.add_argument("--dv-comp", default="",
                     help="';'-separated extra diskvault-only compressions (e.g. auto,lz4)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every configuration this many times, report medians")
     args = ap.parse_args()
     global REPO_DIR
     REPO_DIR = args.repo_dir
@@ -298,29 +316,38 @@ def main() -> None:
         r1, r2 = make_rootfs(args.work)
         sets.append(("rootfs", r1, r2))
     for name, img1, img2 in sets:
-        results = {}
-        comps = ["lz4", "zstd,3"] if args.comp == "lz4,zstd,3" else args.comp.split(";")
-        encs = [(e, "repokey-blake2" if e == "repokey" else e) for e in args.enc.split(",")]
-        for enc, _ in encs:
-            for comp in [c for c in args.dv_comp.split(";") if c]:
+        rounds: dict[str, list[dict]] = {}
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                print(f"{name}: round {i + 1} of {args.repeat}", file=sys.stderr)
+            for key, r in bench_round(args, name, img1, img2, tools).items():
+                rounds.setdefault(key, []).append(r)
+        report(name, os.path.getsize(img1), {k: median_of(v) for k, v in rounds.items()})
+
+
+def bench_round(args: argparse.Namespace, name: str, img1: str, img2: str,
+                tools: set[str]) -> dict:
+    results = {}
+    comps = ["lz4", "zstd,3"] if args.comp == "lz4,zstd,3" else args.comp.split(";")
+    encs = [(e, "repokey-blake2" if e == "repokey" else e) for e in args.enc.split(",")]
+    for enc, _ in encs:
+        for comp in [c for c in args.dv_comp.split(";") if c]:
+            print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
+            results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
+                                                                 comp, enc)
+    for comp in comps:
+        for enc, benc in encs:
+            if "diskvault" in tools:
                 print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
                 results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
                                                                      comp, enc)
-        for comp in comps:
-            for enc, benc in encs:
-                if "diskvault" in tools:
-                    print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
-                    results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
-                                                                         comp, enc)
-                if "borg" in tools:
-                    print(f"{name}: borg {comp} {benc} ...", file=sys.stderr)
-                    results[f"borg {comp} {benc}"] = bench_borg(args.work, img1, img2, comp,
-                                                                benc)
-        if not args.skip_restic and "restic" in tools:
-            print(f"{name}: restic ...", file=sys.stderr)
-            results["restic (zstd auto, encrypted)"] = bench_restic(args.work, img1, img2)
-        report(name, os.path.getsize(img1), results)
-
+            if "borg" in tools:
+                print(f"{name}: borg {comp} {benc} ...", file=sys.stderr)
+                results[f"borg {comp} {benc}"] = bench_borg(args.work, img1, img2, comp, benc)
+    if not args.skip_restic and "restic" in tools:
+        print(f"{name}: restic ...", file=sys.stderr)
+        results["restic (zstd auto, encrypted)"] = bench_restic(args.work, img1, img2)
+    return results
 
 if __name__ == "__main__":
     main()
