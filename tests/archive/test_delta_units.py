@@ -92,7 +92,7 @@ def test_changed_ranges_blocks_and_shift():
     assert c.total() == 10 + 2 + 2 * BLOCK + 1
 
 
-@pytest.mark.parametrize("length", [0, 1, BLOCK, 3 * BLOCK + 5, 64 * BLOCK])
+@pytest.mark.parametrize("length", [0, 1, BLOCK, 3 * BLOCK + 5, 64 * BLOCK, 33 * BLOCK + 100])
 def test_fingerprints_are_the_format_definition(length):
     """docs/format.md: 8 bytes of BLAKE3, keyed with a key derived from the id key, of
     each 4 KiB block (a short last block as is) — whatever shortcut computes them, and
