@@ -135,24 +135,33 @@ typedef uint32_t v16 __attribute__((vector_size(64)));
 /* The message words of one 64-byte block of each lane's message (lane L at
  * p + L * BLOCK_BYTES), transposed so that m[w] holds word w of every lane. Each
  * lane's 64 bytes are loaded once, whole: the lanes lie 4 KiB apart, in one L1 cache
- * set, and per-word gathers would evict and refetch those lines sixteen times. */
+ * set, and per-word gathers would evict and refetch those lines sixteen times.
+ *
+ * First step, the same for both widths (P: the intrinsics' prefix): rows r[0..ROWS)
+ * become s[g][j], whose 128-bit lane k holds word 4k+j of rows 4g..4g+3 — a 4x4
+ * transpose inside every 128-bit lane. */
+#define TRANSPOSE_IN_LANES(P, VEC, r, s, ROWS)                                       \
+    do {                                                                             \
+        VEC t_[ROWS];                                                                \
+        for (int i = 0; i < (ROWS) / 2; i++) {                                       \
+            t_[2 * i] = P##_unpacklo_epi32(r[2 * i], r[2 * i + 1]);                  \
+            t_[2 * i + 1] = P##_unpackhi_epi32(r[2 * i], r[2 * i + 1]);              \
+        }                                                                            \
+        for (int g = 0; g < (ROWS) / 4; g++) {                                       \
+            s[g][0] = P##_unpacklo_epi64(t_[4 * g], t_[4 * g + 2]);                  \
+            s[g][1] = P##_unpackhi_epi64(t_[4 * g], t_[4 * g + 2]);                  \
+            s[g][2] = P##_unpacklo_epi64(t_[4 * g + 1], t_[4 * g + 3]);              \
+            s[g][3] = P##_unpackhi_epi64(t_[4 * g + 1], t_[4 * g + 3]);              \
+        }                                                                            \
+    } while (0)
+
 __attribute__((target("avx2"))) static inline void load8(v8 m[16], const uint8_t *p) {
-    for (int half = 0; half < 2; half++) {
-        __m256i r[8], t[8];
+    for (int half = 0; half < 2; half++) {  /* words 0..7, then 8..15 */
+        __m256i r[8], s[2][4];
         for (int l = 0; l < 8; l++)
             r[l] = _mm256_loadu_si256((const __m256i *)(p + l * BLOCK_BYTES + 32 * half));
-        for (int i = 0; i < 4; i++) {
-            t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        /* s[g][j]: 128-bit lane k holds word 4k+j of rows 4g..4g+3 */
-        __m256i s[2][4];
-        for (int g = 0; g < 2; g++) {
-            s[g][0] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-            s[g][1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-            s[g][2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-            s[g][3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-        }
+        TRANSPOSE_IN_LANES(_mm256, __m256i, r, s, 8);
+        /* then the two 128-bit lanes: word 4k+j of all rows = lane k of s[0..1][j] */
         for (int j = 0; j < 4; j++) {
             m[8 * half + j] = (v8)_mm256_permute2x128_si256(s[0][j], s[1][j], 0x20);
             m[8 * half + 4 + j] = (v8)_mm256_permute2x128_si256(s[0][j], s[1][j], 0x31);
@@ -161,21 +170,10 @@ __attribute__((target("avx2"))) static inline void load8(v8 m[16], const uint8_t
 }
 
 __attribute__((target("avx512f"))) static inline void load16(v16 m[16], const uint8_t *p) {
-    __m512i r[16], t[16];
+    __m512i r[16], s[4][4];
     for (int l = 0; l < 16; l++) r[l] = _mm512_loadu_si512(p + l * BLOCK_BYTES);
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    /* s[g][j]: 128-bit lane k holds word 4k+j of rows 4g..4g+3 */
-    __m512i s[4][4];
-    for (int g = 0; g < 4; g++) {
-        s[g][0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-        s[g][1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-        s[g][2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-        s[g][3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-    }
-    /* a 4x4 transpose of 128-bit lanes: word 4k+j of all rows = lane k of s[0..3][j] */
+    TRANSPOSE_IN_LANES(_mm512, __m512i, r, s, 16);
+    /* then a 4x4 transpose of 128-bit lanes: word 4k+j of all rows = lane k of s[0..3][j] */
     for (int j = 0; j < 4; j++) {
         __m512i u0 = _mm512_shuffle_i32x4(s[0][j], s[1][j], 0x44);
         __m512i u1 = _mm512_shuffle_i32x4(s[0][j], s[1][j], 0xEE);
