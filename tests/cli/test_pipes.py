@@ -66,7 +66,7 @@ class Parser:
     def parse_args(self, argv):
         return Namespace(func=run, log_json=False)
 
-cli.build_parser = lambda: Parser()
+cli.build_parser = lambda argv=None: Parser()
 sys.exit(cli.main([]))
 """
 
