@@ -369,34 +369,39 @@ def bench(args: argparse.Namespace) -> None:
         for i in range(args.repeat):
             if args.repeat > 1:
                 print(f"{name}: round {i + 1} of {args.repeat}", file=sys.stderr)
-            for key, r in bench_round(args, name, img1, img2, tools).items():
+            for key, r in bench_round(args, name, img1, img2, tools, start=i).items():
                 rounds.setdefault(key, []).append(r)
         report(name, os.path.getsize(img1), {k: median_of(v) for k, v in rounds.items()})
 
 
 def bench_round(args: argparse.Namespace, name: str, img1: str, img2: str,
-                tools: set[str]) -> dict:
-    results = {}
+                tools: set[str], start: int = 0) -> dict:
+    """Every configuration once; the order rotated by ``start`` (the round's number), so
+    that across rounds no configuration always runs first — the first run after the
+    image is made, or after another tool, was measured slower in every round."""
+    jobs = []
     comps = ["lz4", "zstd,3"] if args.comp == "lz4,zstd,3" else args.comp.split(";")
     encs = [(e, "repokey-blake2" if e == "repokey" else e) for e in args.enc.split(",")]
     for enc, _ in encs:
         for comp in [c for c in args.dv_comp.split(";") if c]:
-            print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
-            results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
-                                                                 comp, enc)
+            jobs.append((f"diskvault {comp} {enc}", bench_diskvault, comp, enc))
     for comp in comps:
         for enc, benc in encs:
             if "diskvault" in tools:
-                print(f"{name}: diskvault {comp} {enc} ...", file=sys.stderr)
-                results[f"diskvault {comp} {enc}"] = bench_diskvault(args.work, img1, img2,
-                                                                     comp, enc)
+                jobs.append((f"diskvault {comp} {enc}", bench_diskvault, comp, enc))
             if "borg" in tools:
-                print(f"{name}: borg {comp} {benc} ...", file=sys.stderr)
-                results[f"borg {comp} {benc}"] = bench_borg(args.work, img1, img2, comp, benc)
+                jobs.append((f"borg {comp} {benc}", bench_borg, comp, benc))
+    got = {}
+    k = start % len(jobs) if jobs else 0
+    for key, fn, comp, enc in jobs[k:] + jobs[:k]:
+        print(f"{name}: {key} ...", file=sys.stderr)
+        got[key] = fn(args.work, img1, img2, comp, enc)
+    results = {key: got[key] for key, *_ in jobs}  # reported in the table's order
     if not args.skip_restic and "restic" in tools:
         print(f"{name}: restic ...", file=sys.stderr)
         results["restic (zstd auto, encrypted)"] = bench_restic(args.work, img1, img2)
     return results
+
 
 if __name__ == "__main__":
     main()
