@@ -52,7 +52,7 @@ static inline uint32_t load32(const uint8_t *p) {
 }
 
 /* One lane-parallel kernel, instantiated for each vector width. V is a GCC vector of
- * LANES uint32 words; GATHER(dst, base) loads word w of the 64-byte message block at
+ * LANES uint32 words; LOAD(dst, base) puts word w of the 64-byte message block at
  * base + lane * BLOCK_BYTES into dst[w] for every lane. */
 #define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
 #define G(v, a, b, c, d, x, y)                                                      \
@@ -63,7 +63,7 @@ static inline uint32_t load32(const uint8_t *p) {
         v[c] = v[c] + v[d];       v[b] = ROTR(v[b] ^ v[c], 7);                     \
     } while (0)
 
-#define DEFINE_KERNEL(NAME, ATTR, V, LANES, GATHER)                                   \
+#define DEFINE_KERNEL(NAME, ATTR, V, LANES, LOAD)                                     \
     ATTR static inline void NAME##_compress(V cv[8], const V m[16], uint32_t counter, \
                                             uint32_t flags) {                        \
         V v[16];                                                                     \
@@ -94,7 +94,7 @@ static inline uint32_t load32(const uint8_t *p) {
             V *cv = cvs[c];                                                          \
             for (int i = 0; i < 8; i++) cv[i] = kv[i];                               \
             for (uint32_t b = 0; b < 16; b++) {                                      \
-                GATHER(m, in + c * CHUNK_BYTES + b * 64);                            \
+                LOAD(m, in + c * CHUNK_BYTES + b * 64);                              \
                 uint32_t f = KEYED_HASH | (b == 0 ? CHUNK_START : 0)                 \
                              | (b == 15 ? CHUNK_END : 0);                            \
                 NAME##_compress(cv, m, c, f);                                        \
@@ -185,10 +185,8 @@ __attribute__((target("avx512f"))) static inline void load16(v16 m[16], const ui
         m[12 + j] = (v16)_mm512_shuffle_i32x4(u1, u3, 0xDD);
     }
 }
-#define GATHER8(m, p) load8(m, p)
-#define GATHER16(m, p) load16(m, p)
-DEFINE_KERNEL(k8, __attribute__((target("avx2"))), v8, 8, GATHER8)
-DEFINE_KERNEL(k16, __attribute__((target("avx512f"))), v16, 16, GATHER16)
+DEFINE_KERNEL(k8, __attribute__((target("avx2"))), v8, 8, load8)
+DEFINE_KERNEL(k16, __attribute__((target("avx512f"))), v16, 16, load16)
 #endif
 
 typedef void (*group_fn)(const uint32_t[8], const uint8_t *, uint8_t *, size_t);
@@ -217,7 +215,8 @@ static PyObject *keyed_blocks(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*n|i", &key, &data, &outlen, &lanes)) return NULL;
     PyObject *result = NULL;
     uint8_t *scratch = NULL;
-    group_fn group = kernel(lanes ? lanes : widest);
+    if (lanes == 0) lanes = widest;
+    group_fn group = kernel(lanes);
     if (key.len != 32) {
         PyErr_SetString(PyExc_ValueError, "the key must be 32 bytes");
         goto done;
@@ -227,11 +226,11 @@ static PyObject *keyed_blocks(PyObject *self, PyObject *args) {
         goto done;
     }
     if (group == NULL) {
-        PyErr_Format(PyExc_ValueError, "no %d-lane kernel on this CPU", lanes ? lanes : widest);
+        PyErr_Format(PyExc_ValueError, "no %d-lane kernel on this CPU", lanes);
         goto done;
     }
     size_t n = (size_t)data.len / BLOCK_BYTES, olen = (size_t)outlen;
-    size_t step = (size_t)(lanes ? lanes : widest), rest = n % step;
+    size_t step = (size_t)lanes, rest = n % step;
     result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * olen));
     if (result == NULL) goto done;
     /* the last blocks that do not fill the lanes: hashed from a copy padded with
