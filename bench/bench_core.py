@@ -254,7 +254,7 @@ REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
 
 
 @contextlib.contextmanager
-def freed_memory_held(scratch_dir: str) -> Iterator[None]:
+def freed_memory_held() -> Iterator[None]:
     """Free page reporting off for the run, and the free memory touched once (see the
     module docstring); the old setting comes back at the end."""
     with open(REPORTING_ORDER) as f:
@@ -265,12 +265,13 @@ def freed_memory_held(scratch_dir: str) -> Iterator[None]:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f
                          if line.startswith("MemAvailable:"))
-        fill = os.path.join(scratch_dir, "bench-touch")
-        block = b"\1" * (16 * MiB)
-        print(f"touching {(avail - 3 * 1024 * MiB) // MiB} MiB of free memory once ...",
-              file=sys.stderr)
+        # into tmpfs, whatever --repo-dir is: on a disk the file would be written out,
+        # not held in memory (and ~19 GB of it)
+        fill = "/dev/shm/diskvault-bench-touch"
+        block, touch = b"\1" * (16 * MiB), max(0, avail - 3 * 1024 * MiB)  # 3 GiB spare
+        print(f"touching {touch // MiB} MiB of free memory once ...", file=sys.stderr)
         with open(fill, "wb") as f:
-            for _ in range(max(0, avail - 3 * 1024 * MiB) // len(block)):
+            for _ in range(touch // len(block)):
                 f.write(block)
         os.unlink(fill)
         yield
@@ -342,7 +343,7 @@ def main() -> None:
             if not os.path.exists(REPORTING_ORDER) or os.geteuid() != 0:
                 raise SystemExit("--hold-freed-memory: needs root and a kernel with free "
                                  "page reporting (" + REPORTING_ORDER + ")")
-            stack.enter_context(freed_memory_held(args.repo_dir or "/dev/shm"))
+            stack.enter_context(freed_memory_held())
         bench(args)
 
 
