@@ -76,8 +76,24 @@ def repo(tmp_path):
     return r
 
 
+@pytest.fixture(params=[2, 3], ids=["v2", "v3"])
+def any_version_repo(tmp_path, request):
+    """A repository of each format version with deltas: version 2 hashes a window twice
+    (its id, then its fingerprints unless the id is the parent's), version 3 once."""
+    from diskvault.repository.repo import Repository
+    from diskvault.storage.local import LocalStore
+
+    r = str(tmp_path / "repo")
+    dv("init", "-e", "none", r)
+    if request.param < 3:
+        with Repository.open(LocalStore(r), lambda creating: "", lock=None) as opened:
+            opened.set_config("version", request.param)
+    return r
+
+
 @pytest.mark.parametrize("clustered", [False, True], ids=["scattered", "clustered"])
-def test_second_backup_stores_about_the_changed_bytes(tmp_path, repo, clustered):
+def test_second_backup_stores_about_the_changed_bytes(tmp_path, any_version_repo, clustered):
+    repo = any_version_repo
     img = tmp_path / "vm.img"
     used = 40 * MiB
     make_image(img, 48 * MiB, used, seed=1)

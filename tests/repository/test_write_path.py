@@ -235,19 +235,21 @@ def test_sealed_size_counts_bytes_of_every_part():
     assert len(s) == 9 and bytes(s) == b"abcdefghi"
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_none_repository_chunks_by_format_version(tmp_path, version):
-    """Version 2 without encryption stores untagged chunks, version 1 keeps the tag
-    (older diskvaults read it); both restore byte for byte and damage is found."""
+    """Version 2 and 3 without encryption store untagged chunks, version 1 keeps the tag
+    (older diskvaults read it); version 3 ids are made of block digests, 1 and 2 hash the
+    plaintext; all restore byte for byte and damage is found."""
     from support import dv, init_repo
 
+    from diskvault.crypto.ids import BlockIdHasher
     from diskvault.repository.repo import Repository
 
     path = str(tmp_path / "repo")
     env = init_repo(path, "none")
-    if version == 1:
+    if version < 3:  # a repository an older diskvault made
         with Repository.open(LocalStore(path), lambda creating: "", lock=None) as repo:
-            repo.set_config("version", 1)
+            repo.set_config("version", version)
     img = tmp_path / "img"
     img.write_bytes(_mixed(9, 3 * MiB, "rtz") + _mixed(10, 1 * MiB, "t"))
     dv("create", f"{path}::a", str(img), env=env)
@@ -256,12 +258,16 @@ def test_none_repository_chunks_by_format_version(tmp_path, version):
         assert repo.format_version == version
         store = LocalStore(path)
         suites = set()
+        plain_ids, block_ids = IdHasher(repo.key.id_key), BlockIdHasher(repo.key.id_key)
         for name, _size in store.list("packs"):
             pack = store.load(name)
             for e in parse_pack(pack, repo.codec, name.rsplit("/", 1)[1]):
                 suites.add(pack[e.offset])
+                data = repo.codec.open_chunk(e.id, pack[e.offset : e.offset + e.length])
+                assert (block_ids if version == 3 else plain_ids)(data) == e.id
+                assert (block_ids if version != 3 else plain_ids)(data) != e.id
         # data chunks untagged in version 2 (other objects, e.g. delta patches, keep suite 0)
-        assert (SUITE_NONE_ID_CHECKED in suites) == (version == 2) and suites <= {0, 2}
+        assert (SUITE_NONE_ID_CHECKED in suites) == (version >= 2) and suites <= {0, 2}
         # damage one stored chunk byte: check --verify-data names it, extract fails
         name = sorted(n for n, _ in store.list("packs"))[0]
         pack = bytearray(store.load(name))

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..chunking.base import DEFAULT_SEEKABLE, DEFAULT_STREAM, ChunkerParams, make_chunker
+from ..crypto.ids import BlockIdHasher
 from ..errors import ArchiveExists, IntegrityError, ObjectMissing, UsageError
 from ..repository.compression import DEFAULT_COMPRESSION, Compression
 from ..repository.objects import Sealed
@@ -182,11 +183,17 @@ class ArchiveBuilder:
     def _encode(self, data: bytes | bytearray, length: int, pwin: list[Record] | None,
                 pfps: bytes | None) -> _Window:
         """A window read in full: dedup, the parent's extent, a delta, or a new chunk."""
-        cid = self.repo.id_hash(data)
         fps = None
-        if self.fp is not None:
-            same = pwin is not None and pfps is not None and pwin[0][2] == cid
-            fps = pfps if same else self.fp.blocks(data)
+        ids = self.repo.id_hash
+        if self.fp is not None and isinstance(ids, BlockIdHasher):
+            # version 3: one pass gives the block digests, the id and the fingerprints
+            digests = ids.digests(data)
+            cid, fps = ids.from_digests(digests, len(data)), self.fp.from_digests(digests)
+        else:
+            cid = ids(data)
+            if self.fp is not None:
+                same = pwin is not None and pfps is not None and pwin[0][2] == cid
+                fps = pfps if same else self.fp.blocks(data)
         if self.writer.known(cid):
             return _Window([(DATA, length, cid, None)], [(cid, None, length)], fps)
         if pwin is not None and pfps is not None and fps is not None:

@@ -8,7 +8,8 @@ known without reading unchanged blocks (``--changed-extents``) and ``check
 --verify-data`` recomputes it from the reconstructed window.
 
 **Block fingerprints**: 8 bytes of keyed BLAKE3 per 4 KiB block of an item (0.2 % of
-its size), with a key derived from the id key; stored per item as a stream of ordinary
+its size), with a key derived from the id key (the first bytes of the block digests a
+version 3 chunk id is made of, crypto/ids.py); stored per item as a stream of ordinary
 chunks (``Item.fingerprints``), ``FP_CHUNK_BLOCKS`` blocks per chunk, so the next backup
 on any host compares blocks without the parent's data.
 
@@ -26,6 +27,7 @@ import blake3
 import numpy as np
 
 from ..crypto.blockhash import BLOCK, keyed_blocks
+from ..crypto.ids import DIGEST_LEN, block_digest_key
 from ..errors import IntegrityError
 
 FP_LEN = 8
@@ -57,8 +59,7 @@ class Fingerprinter:
     """Per-block fingerprints and full-content ids, keyed from the repository's id key."""
 
     def __init__(self, id_key: bytes) -> None:
-        self._fp_key = blake3.blake3(id_key, derive_key_context="diskvault 2 block fingerprint"
-                                     ).digest()
+        self._fp_key = block_digest_key(id_key)
         self._full_key = blake3.blake3(id_key, derive_key_context="diskvault 2 delta content"
                                        ).digest()
         self.zero_fp = self._one(bytes(BLOCK))
@@ -71,6 +72,12 @@ class Fingerprinter:
         fps = keyed_blocks(self._fp_key, data, FP_LEN)
         tail = len(data) % BLOCK
         return fps + self._one(memoryview(data)[len(data) - tail :]) if tail else fps
+
+    def from_digests(self, digests: bytes) -> bytes:
+        """The fingerprints in a version 3 id's block digests (``BlockIdHasher.digests``):
+        a fingerprint is the first ``FP_LEN`` bytes of a digest (BLAKE3 output is a
+        stream: a shorter digest is the longer one's start)."""
+        return np.frombuffer(digests, np.uint8).reshape(-1, DIGEST_LEN)[:, :FP_LEN].tobytes()
 
     def zeros(self, length: int) -> bytes:
         """Fingerprints of ``length`` zero bytes (zero and unused runs)."""

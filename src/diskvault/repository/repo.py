@@ -30,7 +30,7 @@ import blake3
 import msgpack
 
 from ..crypto.aead import AesGcmCipher, Cipher, PlainCipher
-from ..crypto.ids import IdHasher, chunker_seed
+from ..crypto.ids import chunker_seed, id_hasher
 from ..crypto.keys import (
     KeyMaterial,
     keyfile_text,
@@ -63,11 +63,13 @@ from .pack import pack_key
 if TYPE_CHECKING:
     from .writer import ChunkWriter
 
-# Version 2 (new repositories): FastCDC keyed from the id key, `delta` extents. Version 1
-# repositories stay readable and writable as version 1 (no keyed FastCDC, no deltas), so
-# an older diskvault that shares them keeps working; it refuses a version 2 repository.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 2: FastCDC keyed from the id key, `delta` extents. Version 3 (new repositories):
+# chunk ids made from the 4 KiB block digests (crypto/ids.py). Older repositories stay
+# readable and writable at their version (no keyed FastCDC or deltas in 1, plain keyed
+# ids in 1 and 2), so an older diskvault that shares them keeps working; it refuses a
+# repository of a version it does not know.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ENCRYPTION_MODES = ("none", "repokey", "keyfile")
 DEFAULT_PACK_SIZE = 32 << 20
 PassphraseFn = Callable[[bool], str]  # argument: True when creating (confirm)
@@ -97,7 +99,8 @@ class Repository:
         self.config = config
         self.config_hash = blake3.blake3(config_raw).digest()
         self.id: bytes = config["repo_id"]
-        # what the repository's data may use: 2 enables keyed FastCDC and delta extents
+        # what the repository's data may use: 2 enables keyed FastCDC and delta extents,
+        # 3 block-digest chunk ids
         self.format_version: int = int(config["version"])
         self.encryption: str = config["encryption"]
         self.append_only: bool = bool(config.get("append_only", False))
@@ -108,7 +111,7 @@ class Repository:
         self.toc_packs: set[str] = set()
         cipher: Cipher = (PlainCipher() if self.encryption == "none"
                           else AesGcmCipher(km.enc_key, session=random_bytes(16)))
-        self.id_hash = IdHasher(km.id_key)
+        self.id_hash = id_hasher(km.id_key, self.format_version)
         # version 2 without encryption: chunks carry no tag, their id check suffices
         self.codec = ObjectCodec(cipher, self.id_hash, Compression.parse("lz4"),
                                  untagged_chunks=self.format_version >= 2)
@@ -176,7 +179,7 @@ class Repository:
         except Exception:  # noqa: BLE001
             raise IntegrityError("repository config is damaged") from None
         if version not in READABLE_VERSIONS:
-            raise UnsupportedVersion("repository", version, "1 and 2")
+            raise UnsupportedVersion("repository", version, "1, 2 and 3")
         key_ok = config.get("encryption") != "none" or _is_key(config.get("id_key"))
         if config.get("encryption") not in ENCRYPTION_MODES or not _is_key(config.get("repo_id")) \
                 or not key_ok or not isinstance(config.get("pack_size", 1), int):
