@@ -21,6 +21,7 @@ import msgpack
 
 from ..crypto.aead import Buffer
 from ..errors import IntegrityError
+from .compression import LZ4, Compression
 from .objects import ObjectCodec, Sealed
 
 MAGIC = b"DVPACK01"
@@ -28,6 +29,12 @@ TRAILER = struct.Struct("<QI4s")
 TRAILER_MAGIC = b"DVPE"
 TOC_AAD = b"pack-toc"
 MAX_TOC = 64 << 20
+# One compression for every TOC, whatever a backup chose for its chunks: repair rebuilds
+# a pack whose damage lay in its TOC or trailer from the salvaged chunks, and only a TOC
+# sealed the same way gives the same bytes, hence the same name (repository/repair.py).
+# With the backup's choice, `auto,lz4` stored a TOC of random ids as is where repair's
+# `lz4` compressed it by 1 %, and the rebuilt pack got a new name in some layouts.
+TOC_COMPRESSION = Compression(LZ4)
 
 
 @dataclass
@@ -82,7 +89,7 @@ class PackWriter:
     def finish_parts(self, codec: ObjectCodec) -> tuple[str, list[Buffer], int, list[PackEntry]]:
         """Name, the pack's bytes as buffers in order, its size, and its entries."""
         toc = msgpack.packb([[e.id, e.offset, e.length, e.plain_size] for e in self.entries])
-        toc_blob = codec.seal(TOC_AAD, toc)
+        toc_blob = codec.seal(TOC_AAD, toc, TOC_COMPRESSION)
         trailer = TRAILER.pack(self.size, len(toc_blob), TRAILER_MAGIC)
         self.hasher.update(toc_blob)
         self.hasher.update(trailer)
