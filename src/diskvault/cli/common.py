@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import os
 import re
@@ -114,6 +113,8 @@ def stop_on_signals(stop: Callable[[], None]) -> None:
     instant-restore): SIGINT, SIGTERM and SIGHUP call ``stop`` so that it shuts down
     cleanly. (SIGPIPE stays ignored, as main() leaves it: a client that hangs up while a
     reply is written ends only its own connection.)"""
+    import asyncio  # here: the other commands need no event loop, and it costs 15 ms
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop)
