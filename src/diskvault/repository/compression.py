@@ -12,12 +12,30 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import lz4.block
 import zstandard
 
 from ..errors import IntegrityError, UsageError
+
+_native: ModuleType | None
+try:
+    from . import _lz4 as _native
+except ImportError:  # installed without liblz4's headers or a C compiler
+    _native = None
+
+
+def _python_lz4(data: bytes | bytearray | memoryview) -> bytes:
+    return lz4.block.compress(data, store_size=False)
+
+
+# one LZ4 block, no size prefix: the native part writes it without python-lz4's copy of
+# the output (_lz4.c); the same format either way
+lz4_compress: Callable[[bytes | bytearray | memoryview], bytes] = (
+    _native.compress if _native is not None else _python_lz4)
 
 NONE, LZ4, ZSTD = 0, 1, 2
 NAMES = {"none": NONE, "lz4": LZ4, "zstd": ZSTD}
@@ -94,7 +112,7 @@ class Compression:
         if self.algo == NONE or (self.auto and _incompressible(data)):
             return HEADER.pack(NONE, n), data
         if self.auto or self.algo == LZ4:
-            fast = lz4.block.compress(data, store_size=False)
+            fast = lz4_compress(data)
             if len(fast) > n * AUTO_KEEP_RATIO and (self.auto or len(fast) >= n):
                 return HEADER.pack(NONE, n), data
             if self.algo == LZ4:
@@ -122,7 +140,7 @@ def _incompressible(data: bytes | bytearray | memoryview) -> bool:
     for i in range(SAMPLES):
         off = i * step + (step - SAMPLE_LEN) // 2
         sample = mv[off : off + SAMPLE_LEN]
-        if len(lz4.block.compress(sample, store_size=False)) <= SAMPLE_LEN * AUTO_KEEP_RATIO:
+        if len(lz4_compress(sample)) <= SAMPLE_LEN * AUTO_KEEP_RATIO:
             return False
     return True
 
