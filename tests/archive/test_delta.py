@@ -490,3 +490,47 @@ def test_random_access_reader_serves_delta_extents(tmp_path, repo):
     finally:
         cache.close()
         r.close()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_fingerprints_are_made_only_for_items_that_keep_them(tmp_path, monkeypatch, version):
+    """A stream (content-defined chunks) keeps no fingerprints: version 2 computed them
+    for every chunk anyway, a second hashing pass thrown away; a file cut into fixed
+    windows keeps them. Version 3 takes them from its ids' block digests instead."""
+    import io
+
+    from faults.faultkit import new_repo
+
+    from diskvault.archive import create as create_mod
+    from diskvault.archive.create import CreateOptions, create_archive
+    from diskvault.source.content import SeekableContent, StreamContent
+    from diskvault.source.paths import Meta, Source
+    from diskvault.storage.memory import MemoryStore
+
+    calls = {"blocks": 0, "from_digests": 0}
+    for name in calls:
+        orig = getattr(create_mod.Fingerprinter, name)
+
+        def counted(self, *a, _orig=orig, _name=name):
+            calls[_name] += 1
+            return _orig(self, *a)
+        monkeypatch.setattr(create_mod.Fingerprinter, name, counted)
+    from diskvault.repository import repo as repo_mod
+
+    monkeypatch.setattr(repo_mod, "FORMAT_VERSION", version)
+    repo = new_repo(MemoryStore(), "none")
+    assert repo.format_version == version
+    data = random.Random(21).randbytes(3 * MiB)
+    # a stream: the default stream chunker is content-defined
+    create_archive(repo, "s", [Source(Meta(path="s", size=len(data)),
+                                      StreamContent(io.BytesIO(data).read, what="s"))],
+                   CreateOptions())
+    assert calls == {"blocks": 0, "from_digests": 0}
+    img = tmp_path / "img"
+    img.write_bytes(data)
+    with open(img, "rb") as f:
+        create_archive(repo, "f", [Source(Meta(path="f", size=len(data)),
+                                          SeekableContent(f.fileno(), len(data), what="f"))],
+                       CreateOptions())
+    assert calls["blocks" if version == 2 else "from_digests"] > 0
+    assert calls["from_digests" if version == 2 else "blocks"] == 0

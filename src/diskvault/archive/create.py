@@ -181,17 +181,20 @@ class ArchiveBuilder:
         return True
 
     def _encode(self, data: bytes | bytearray, length: int, pwin: list[Record] | None,
-                pfps: bytes | None) -> _Window:
-        """A window read in full: dedup, the parent's extent, a delta, or a new chunk."""
+                pfps: bytes | None, want_fps: bool) -> _Window:
+        """A window read in full: dedup, the parent's extent, a delta, or a new chunk.
+        ``want_fps``: the item keeps block fingerprints (fixed windows on 4 KiB blocks)."""
         fps = None
         ids = self.repo.id_hash
-        if self.fp is not None and isinstance(ids, BlockIdHasher):
+        if isinstance(ids, BlockIdHasher):
             # version 3: one pass gives the block digests, the id and the fingerprints
             digests = ids.digests(data)
-            cid, fps = ids.from_digests(digests, len(data)), self.fp.from_digests(digests)
+            cid = ids.from_digests(digests, len(data))
+            if self.fp is not None and want_fps:
+                fps = self.fp.from_digests(digests)
         else:
             cid = ids(data)
-            if self.fp is not None:
+            if self.fp is not None and want_fps:
                 same = pwin is not None and pfps is not None and pwin[0][2] == cid
                 fps = pfps if same else self.fp.blocks(data)
         if self.writer.known(cid):
@@ -329,7 +332,9 @@ class ArchiveBuilder:
         size = 0
         for w in self._windows(content, chunker, ip, changed):
             if isinstance(w, tuple):  # (data, length, pwin, pfps): encode in a worker
-                queue.append(self.pool.submit(self._encode, *w))
+                data, length, pwin, pfps = w
+                queue.append(self.pool.submit(self._encode, data, length, pwin, pfps,
+                                              fps_out is not None))
                 busy += 1
                 size += w[1]
             else:
