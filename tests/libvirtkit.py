@@ -176,6 +176,11 @@ class Domain:
                             f'qemu-io -d {path} "{cmd}"').stdout
         assert "error" not in out.lower(), out
 
+    @property
+    def vm_key(self) -> str:
+        """The key diskvault gives this VM (source/libvirt.py ``identity``)."""
+        return "uuid:" + self.lv.virsh("domuuid", self.name).stdout.strip()
+
     def checkpoints(self) -> list[str]:
         return self.lv.virsh("checkpoint-list", self.name, "--name").stdout.split()
 

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from diskvault.source.vm import fleece_dir
+
 MiB = 1 << 20
 # what the guest needs; their dependencies come from modules.dep, loaded first
 MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4"]
@@ -280,10 +282,19 @@ class Disk:
         self.expected[off : off + n] = bytes([byte]) * n
 
 
-def fleece_mounted() -> bool:
-    """Whether a fleece export of diskvault's is mounted (its FUSE view of a disk)."""
+def fleece_mounted(vm_key: str) -> bool:
+    """Whether a fleece export of diskvault's (its FUSE view of a disk) is mounted for the
+    VM ``vm_key`` (as diskvault names it: ``qmp_key``, ``Domain.vm_key``). Only that VM's:
+    under pytest-xdist another worker's backup may have its own export up meanwhile,
+    which failed a libvirt test's "nothing left behind" check once."""
+    where = fleece_dir(vm_key)
     with open("/proc/self/mounts") as f:
-        return "diskvault-fleece" in f.read()
+        return any(line.split()[1].startswith(where) for line in f)
+
+
+def qmp_key(qmp: str) -> str:
+    """The key diskvault gives a test guest: it has no UUID or name (vm.vm_identity)."""
+    return f"qmp:{os.path.abspath(qmp)}"
 
 
 def records_in(repo: str, name: str, tmp_path, env: dict | None = None,

@@ -27,6 +27,7 @@ from vmkit import (
     fleece_mounted,
     make_guest_disk,
     needs_guest,
+    qmp_key,
     records_in,
     running_guest,
 )
@@ -74,7 +75,7 @@ def our_bitmaps(qmp: str) -> dict[str, list[str]]:
 
 def assert_clean(qmp: str) -> None:
     assert leftovers(qmp) == {"jobs": [], "exports": [], "nodes": []}
-    assert not fleece_mounted()
+    assert not fleece_mounted(qmp_key(qmp))
 
 
 @pytest.fixture
@@ -248,10 +249,12 @@ def _kill_sweep(live, tmp_path, kills: int, seed: int) -> None:
                              stderr=subprocess.PIPE)
         if i % 2 == 0:
             # mid-read, for sure: once the fleece export is up, stop it, check, kill
-            live._wait(lambda p=p: fleece_mounted() or p.poll() is not None, 300,
+            live._wait(lambda p=p: fleece_mounted(qmp_key(live.qmp)) or p.poll() is not None,
+                       300,
                        "the fleece export")
             p.send_signal(signal.SIGSTOP)
-            assert fleece_mounted() and p.poll() is None, "the backup ended too early"
+            assert fleece_mounted(qmp_key(live.qmp)) and p.poll() is None, \
+                "the backup ended too early"
             p.send_signal(signal.SIGKILL)
             p.wait()
             fired += 1
@@ -340,8 +343,7 @@ def test_vm_going_away_mid_backup_is_one_clear_error(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
         def exported() -> bool:
-            with open("/proc/self/mounts") as f:
-                return "diskvault-fleece" in f.read() or p.poll() is not None
+            return fleece_mounted(qmp_key(g.qmp)) or p.poll() is not None
 
         g._wait(exported, 120, "the fleece export")
         p.send_signal(signal.SIGSTOP)  # hold diskvault mid-backup, deterministically
@@ -353,5 +355,4 @@ def test_vm_going_away_mid_backup_is_one_clear_error(tmp_path):
     assert err.count(b"\n") == 1 and err.startswith(b"diskvault: error: "), err
     assert dv("list", repo).stdout == b""
     dv("check", repo)
-    with open("/proc/self/mounts") as f:
-        assert "diskvault-fleece" not in f.read()
+    assert not fleece_mounted(qmp_key(g.qmp))

@@ -76,7 +76,7 @@ def ours_per_repo(d: Domain) -> dict[str, list[str]]:
 
 def assert_clean(d: Domain) -> None:
     assert not d.backup_job()
-    assert not fleece_mounted()
+    assert not fleece_mounted(d.vm_key)
     assert all(len(v) == 1 for v in ours_per_repo(d).values()), d.checkpoints()
 
 
@@ -89,6 +89,10 @@ def test_full_then_incremental_reads_only_what_was_written(dom, tmp_path):
                                                                ("v1.vdb", "full")]
     at_v1 = {k: bytes(v.expected) for k, v in disks.items()}
     (ck1,) = d.checkpoints()
+    # the key the tests' "no fleece export left" check looks under is diskvault's own
+    with Repository.open(open_store(repo), lambda creating: "", lock=None) as r:
+        meta = r.load_archive(r.manifest.archives["v1.vda"])
+    assert meta["source_id"]["vm"] == d.vm_key
     disks["vda"].write(d, "vda", 5 * MiB + 4096, 8192, 0x41)
     disks["vda"].write(d, "vda", 20 * MiB, MiB, 0x42)
     j = vm_backup(d, repo, "v2")

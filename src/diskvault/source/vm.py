@@ -131,7 +131,7 @@ def remove_leftovers(q: QmpClient, vm_key: str) -> list[str]:
             with contextlib.suppress(QmpError):
                 q.execute("blockdev-del", **{"node-name": n["node-name"]})
                 removed.append(f"node {n['node-name']}")
-    d = _fleece_dir(vm_key)
+    d = fleece_dir(vm_key)
     unmount_below(d)
     if os.path.isdir(d):
         shutil.rmtree(d, ignore_errors=True)
@@ -157,7 +157,8 @@ def _wait_jobs_gone(q: QmpClient) -> None:
         time.sleep(0.05)
 
 
-def _fleece_dir(vm_key: str) -> str:
+def fleece_dir(vm_key: str) -> str:
+    """Where the fleece exports of VM ``vm_key`` are mounted (one directory per VM)."""
     return os.path.join(FLEECE_DIR, hashlib.sha256(vm_key.encode()).hexdigest()[:16])
 
 
@@ -215,7 +216,7 @@ class Snapshot:
         self.q, self.drives, self.tag, self.old = q, drives, tag, old
         self.new: dict[str, str] = {}
         self.files: dict[str, str] = {}
-        self._dir = _fleece_dir(vm_key)
+        self._dir = fleece_dir(vm_key)
         self._nbd_sock = ""
         self._nodes: list[str] = []
         self._jobs: list[str] = []
