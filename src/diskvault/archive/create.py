@@ -336,7 +336,7 @@ class ArchiveBuilder:
                 queue.append(self.pool.submit(self._encode, data, length, pwin, pfps,
                                               fps_out is not None))
                 busy += 1
-                size += w[1]
+                size += length
             else:
                 queue.append(w)
                 size += sum(r[1] for r in w.records)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import blake3
 import numpy as np
 
-from ..crypto.blockhash import BLOCK, keyed_blocks
+from ..crypto.blockhash import BLOCK, block_digests
 from ..crypto.ids import DIGEST_LEN, block_digest_key
 from ..errors import IntegrityError
 
@@ -69,9 +69,7 @@ class Fingerprinter:
 
     def blocks(self, data: bytes | bytearray | memoryview) -> bytes:
         """The fingerprints of every 4 KiB block of ``data`` (a short last block as is)."""
-        fps = keyed_blocks(self._fp_key, data, FP_LEN)
-        tail = len(data) % BLOCK
-        return fps + self._one(memoryview(data)[len(data) - tail :]) if tail else fps
+        return block_digests(self._fp_key, data, FP_LEN)
 
     def from_digests(self, digests: bytes) -> bytes:
         """The fingerprints in a version 3 id's block digests (``BlockIdHasher.digests``):

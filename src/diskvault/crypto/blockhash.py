@@ -43,6 +43,17 @@ def keyed_blocks(key: bytes, data: bytes | bytearray | memoryview, outlen: int) 
     return keyed_blocks_portable(key, data, outlen)
 
 
+def block_digests(key: bytes, data: bytes | bytearray | memoryview, outlen: int) -> bytes:
+    """``keyed_blocks`` and then the short last block's digest, if there is one: the
+    block fingerprints of an item, and the block digests of a version 3 chunk id."""
+    whole = keyed_blocks(key, data, outlen)
+    tail = len(data) % BLOCK
+    if not tail:
+        return whole
+    last = memoryview(data)[len(data) - tail :]
+    return whole + blake3.blake3(last, key=key, max_threads=1).digest(outlen)
+
+
 def keyed_blocks_portable(key: bytes, data: bytes | bytearray | memoryview,
                           outlen: int) -> bytes:
     # one keyed hasher, reset per block: a new keyed hasher per block costs a key

@@ -16,7 +16,7 @@ import struct
 
 import blake3
 
-from .blockhash import BLOCK, keyed_blocks
+from .blockhash import block_digests
 
 ID_LEN = 32
 DIGEST_LEN = 32  # a block digest in full: a version 3 id hashes these
@@ -60,12 +60,7 @@ class BlockIdHasher(IdHasher):
 
     def digests(self, data: bytes | bytearray | memoryview) -> bytes:
         """``DIGEST_LEN`` bytes per 4 KiB block of ``data``, a short last block included."""
-        whole = keyed_blocks(self.digest_key, data, DIGEST_LEN)
-        tail = len(data) % BLOCK
-        if not tail:
-            return whole
-        last = memoryview(data)[len(data) - tail :]
-        return whole + blake3.blake3(last, key=self.digest_key, max_threads=1).digest()
+        return block_digests(self.digest_key, data, DIGEST_LEN)
 
     def from_digests(self, digests: bytes, length: int) -> bytes:
         h = blake3.blake3(_LENGTH.pack(length), key=self._key, max_threads=1)
